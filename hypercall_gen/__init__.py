@@ -1,0 +1,1 @@
+"""hypercall_gen: renders tlfs_spec/ into C, Python and documentation."""

@@ -1,0 +1,160 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Hand-written support for the generated hypercall wrappers: per-CPU
+ * hypercall pages, memory deposits and failure logging.
+ */
+#include "mshv_root.h"
+
+#include <linux/cpumask.h>
+#include <linux/gfp.h>
+#include <linux/irqflags.h>
+#include <linux/mm.h>
+#include <linux/percpu.h>
+#include <linux/printk.h>
+#include <linux/sched.h>
+#include <linux/slab.h>
+
+#include "mshvr_hvcall.h"
+#include "seam.h"
+
+/*
+ * Per-CPU input and output pages. A page pair is used only with interrupts
+ * disabled on its own CPU (mshvr_hvcall_begin/end), which is the whole
+ * locking rule: no two users can ever share a pair.
+ */
+struct mshvr_hvcall_pages {
+	void *input;
+	void *output;
+};
+
+static struct mshvr_hvcall_pages __percpu *mshvr_pages;
+
+/* The root partition's own id, from HvCallGetPartitionId at load. */
+static u64 mshvr_self_id;
+
+/* Upper bound on deposit-and-retry rounds for one hypercall. */
+#define MSHVR_DEPOSIT_ATTEMPTS_MAX	4096
+
+void *mshvr_hvcall_begin(unsigned long *flags, void **out)
+{
+	struct mshvr_hvcall_pages *p;
+
+	local_irq_save(*flags);
+	p = this_cpu_ptr(mshvr_pages);
+	*out = p->output;
+	return p->input;
+}
+
+void mshvr_hvcall_end(unsigned long flags)
+{
+	local_irq_restore(flags);
+}
+
+u64 mshvr_root_partition_id(void)
+{
+	return mshvr_self_id;
+}
+
+void mshvr_hvcall_log_failure(const char *name, u16 code, u16 status)
+{
+	pr_err_ratelimited("hypercall %s (0x%04x) failed: %s (0x%04x)\n",
+			   name, code, mshvr_hv_status_name(status), status);
+}
+
+/*
+ * Give @pages freshly allocated pages to @partition_id's hypervisor pool.
+ * On failure every page allocated here is freed again; a page the hypervisor
+ * accepted belongs to it until withdrawn.
+ */
+int mshvr_hv_deposit(u64 partition_id, unsigned int pages)
+{
+	u64 *pfns;
+	u32 done = 0;
+	unsigned int i;
+	int ret = -ENOMEM;
+
+	might_sleep();
+	if (!pages)
+		return 0;
+	pfns = kcalloc(pages, sizeof(*pfns), GFP_KERNEL);
+	if (!pfns)
+		return -ENOMEM;
+	for (i = 0; i < pages; i++) {
+		struct page *pg = alloc_page(GFP_KERNEL_ACCOUNT);
+
+		if (!pg)
+			goto free;
+		pfns[i] = page_to_pfn(pg);
+	}
+	ret = mshvr_hvcall_deposit_memory(partition_id, pfns, pages, &done, NULL);
+free:
+	/* pages the hypervisor did not take are still ours */
+	for (; done < pages && done < i; done++)
+		__free_page(pfn_to_page(pfns[done]));
+	kfree(pfns);
+	return ret;
+}
+
+int mshvr_hv_deposit_on_status(u16 status, u64 target_partition_id, bool into_root,
+			       unsigned int pages, unsigned int *attempt)
+{
+	u64 id = into_root ? mshvr_self_id : target_partition_id;
+
+	if (status == MSHVR_HV_STATUS_INSUFFICIENT_ROOT_MEMORY ||
+	    status == MSHVR_HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY)
+		id = mshvr_self_id;
+	if (++*attempt > MSHVR_DEPOSIT_ATTEMPTS_MAX) {
+		pr_err("giving up after %u deposits into partition %llu\n",
+		       MSHVR_DEPOSIT_ATTEMPTS_MAX, id);
+		return -ENOMEM;
+	}
+	if (fatal_signal_pending(current))
+		return -EINTR;
+	return mshvr_hv_deposit(id, pages);
+}
+
+int mshvr_hv_call_init(void)
+{
+	struct mshvr_hv_output_partition_id out;
+	unsigned int cpu;
+	int ret;
+
+	mshvr_pages = alloc_percpu(struct mshvr_hvcall_pages);
+	if (!mshvr_pages)
+		return -ENOMEM;
+	for_each_possible_cpu(cpu) {
+		struct mshvr_hvcall_pages *p = per_cpu_ptr(mshvr_pages, cpu);
+		/* two contiguous pages: input then output */
+		struct page *pg = alloc_pages_node(cpu_to_node(cpu), GFP_KERNEL | __GFP_ZERO, 1);
+
+		if (!pg) {
+			mshvr_hv_call_exit();
+			return -ENOMEM;
+		}
+		p->input = page_address(pg);
+		p->output = (u8 *)p->input + PAGE_SIZE;
+	}
+	ret = mshvr_hvcall_get_partition_id(&out, NULL);
+	if (ret) {
+		mshvr_hv_call_exit();
+		return ret;
+	}
+	mshvr_self_id = out.partition_id;
+	return 0;
+}
+
+void mshvr_hv_call_exit(void)
+{
+	unsigned int cpu;
+
+	if (!mshvr_pages)
+		return;
+	for_each_possible_cpu(cpu) {
+		struct mshvr_hvcall_pages *p = per_cpu_ptr(mshvr_pages, cpu);
+
+		if (p->input)
+			free_pages((unsigned long)p->input, 1);
+	}
+	free_percpu(mshvr_pages);
+	mshvr_pages = NULL;
+}

@@ -1,0 +1,37 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The seam: the one narrow interface between the driver and the hypervisor
+ * transport. Two implementations exist, chosen at build time:
+ *
+ *   seam_hyperv.c  production: the kernel's Hyper-V hypercall page and MSRs
+ *   seam_hvsim.c   tests only (make HVSIM=1): the hvsim simulator
+ *
+ * Everything above this interface (generated wrappers, deposits, ioctls,
+ * memory, VPs, the run loop) is the same code in both builds.
+ */
+#ifndef _MSHVR_SEAM_H
+#define _MSHVR_SEAM_H
+
+#include <linux/types.h>
+
+/*
+ * Probe for a root partition. Returns 0 when the driver may run, -ENODEV
+ * (after one clear log line) anywhere else.
+ */
+int mshvr_seam_init(void);
+void mshvr_seam_exit(void);
+
+/* Human-readable name of the implementation, for the load message. */
+const char *mshvr_seam_name(void);
+
+/*
+ * Issue a memory-based hypercall. input and output are this CPU's hypercall
+ * pages (physically contiguous, page aligned, from the driver's per-CPU
+ * pages); the caller has interrupts disabled. Returns the raw result value.
+ */
+u64 mshvr_seam_hypercall(u64 control, void *input, void *output);
+
+/* Issue a register-based (fast) hypercall with up to 16 bytes of input. */
+u64 mshvr_seam_hypercall_fast(u64 control, u64 in0, u64 in1);
+
+#endif /* _MSHVR_SEAM_H */
