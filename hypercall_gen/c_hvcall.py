@@ -113,7 +113,8 @@ class Wrapper:
             "\t\t*hv_status = hc_status;",
             f"\tif (hc_status != {kconst('HV_STATUS_SUCCESS')}) {{",
             f'\t\tmshvr_hvcall_log_failure("{h.name}", {kconst("HVCALL_" + h.name.upper())}, hc_status);',
-            "\t\treturn mshvr_hv_status_to_errno(hc_status);",
+            ("\t\treturn hc_ret ? hc_ret : mshvr_hv_status_to_errno(hc_status);"
+             if h.deposit else "\t\treturn mshvr_hv_status_to_errno(hc_status);"),
             "\t}",
             "\treturn 0;",
         ]
@@ -156,7 +157,7 @@ class Wrapper:
         if self._uses_index():
             out.append("\tunsigned int hc_i;")
         if self.h.deposit:
-            out += ["\tunsigned int hc_attempt = 0;", "\tint hc_ret;"]
+            out += ["\tunsigned int hc_attempt = 0;", "\tint hc_ret = 0;"]
         out += list(extra)
         out += ["\tu16 hc_status;"]
         return out
@@ -279,8 +280,12 @@ class Wrapper:
             out.append("\t\t\t\t       (mshvr_hv_result_reps(hc_result) - hc_comp) * "
                        "sizeof(*rep_out));")
         out.append("\t\t\tmshvr_hvcall_end(hc_flags);")
-        out.append("\t\t\tif (mshvr_hv_result_reps(hc_result) > hc_batch) {")
-        out.append(f"\t\t\t\thc_status = {kconst('HV_STATUS_INVALID_HYPERCALL_INPUT')};")
+        out.append("\t\t\t/* reps completed is absolute; it may only move forward */")
+        out.append("\t\t\tif (mshvr_hv_result_reps(hc_result) > hc_batch ||")
+        out.append(f"\t\t\t    (hc_status == {kconst('HV_STATUS_SUCCESS')} &&")
+        out.append("\t\t\t     mshvr_hv_result_reps(hc_result) <= hc_comp)) {")
+        out.append(f'\t\t\t\tmshvr_hvcall_log_protocol("{h.name}", hc_result, hc_comp, hc_batch);')
+        out.append(f"\t\t\t\thc_status = {kconst('HV_STATUS_OPERATION_FAILED')};")
         out.append("\t\t\t\tbreak;")
         out.append("\t\t\t}")
         out.append("\t\t\tif (mshvr_hv_result_reps(hc_result) > hc_comp)")
@@ -367,6 +372,7 @@ int mshvr_hv_deposit(u64 partition_id, unsigned int pages);
 int mshvr_hv_deposit_on_status(u16 status, u64 target_partition_id, bool into_root,
 			       unsigned int pages, unsigned int *attempt);
 void mshvr_hvcall_log_failure(const char *name, u16 code, u16 status);
+void mshvr_hvcall_log_protocol(const char *name, u64 result, u32 start, u32 count);
 """)
     for h in sorted(spec.hypercalls, key=lambda h: h.code):
         out.append(Wrapper(spec, h).proto())

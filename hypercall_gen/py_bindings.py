@@ -55,7 +55,7 @@ def render(spec):
            "        bad = []",
            "        for name in self.MBZ:",
            "            v = getattr(self, name)",
-           "            if bytes(v) if hasattr(v, '_length_') else v:",
+           "            if (any(bytes(v)) if hasattr(v, '_length_') else v):",
            "                bad.append(name)",
            "        for fname, ranges in self.BITS.items():",
            "            v = getattr(self, fname)",

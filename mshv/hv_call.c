@@ -66,6 +66,13 @@ void mshvr_hvcall_log_failure(const char *name, u16 code, u16 status)
  * On failure every page allocated here is freed again; a page the hypervisor
  * accepted belongs to it until withdrawn.
  */
+/* The hypervisor broke the rep protocol: no progress on SUCCESS, or too much. */
+void mshvr_hvcall_log_protocol(const char *name, u64 result, u32 start, u32 count)
+{
+	pr_err_ratelimited("hypercall %s: result 0x%llx completes %u reps from %u of %u\n",
+			   name, result, mshvr_hv_result_reps(result), start, count);
+}
+
 int mshvr_hv_deposit(u64 partition_id, unsigned int pages)
 {
 	u64 *pfns;

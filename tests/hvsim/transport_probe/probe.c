@@ -5,10 +5,10 @@
  * Exercises the guest side of the hvsim transport (docs/hvsim-transport.md):
  *
  *  - doorbell: the 32-bit word (page-aligned GPA of a request page | cpu),
- *    written as 4 outb's to an isa-debugcon port; QEMU forwards the bytes to
- *    the host simulator over a unix socket.  The host writes the response into the
- *    request page (guest RAM is a shared file) and finally sets the header's
- *    state word to HVSIM_STATE_DONE; the guest spins on that word.
+ *    written as 4 outb's to an isa-debugcon port; QEMU forwards the bytes
+ *    to the host simulator over a unix socket.  The host writes the response
+ *    into the request page (guest RAM is a shared file) and finally sets the
+ *    header's state word to HVSIM_STATE_DONE; the guest spins on that word.
  *  - interrupt: a 16550 UART at a non-standard port/IRQ (not claimed by the
  *    8250 driver because the guest boots with pnpacpi=off).  Every byte the
  *    host writes to the UART's socket raises an RX interrupt handled here.
@@ -32,6 +32,7 @@
 #include <linux/irq.h>
 #include <linux/kthread.h>
 #include <linux/ktime.h>
+#include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/percpu.h>
 #include <linux/slab.h>
@@ -69,16 +70,16 @@ struct hvsim_hdr {
 };
 
 /* UART registers (offsets from irq_port) */
-#define UART_RBR 0
-#define UART_IER 1
-#define UART_IIR 2
-#define UART_FCR 2
-#define UART_LCR 3
-#define UART_MCR 4
-#define UART_LSR 5
-#define UART_LSR_DR	0x01
-#define UART_IER_RDI	0x01
-#define UART_MCR_DTR_RTS_OUT2	0x0b
+#define HVSIM_UART_RBR 0
+#define HVSIM_UART_IER 1
+#define HVSIM_UART_IIR 2
+#define HVSIM_UART_FCR 2
+#define HVSIM_UART_LCR 3
+#define HVSIM_UART_MCR 4
+#define HVSIM_UART_LSR 5
+#define HVSIM_UART_LSR_DR	0x01
+#define HVSIM_UART_IER_RDI	0x01
+#define HVSIM_UART_MCR_DTR_RTS_OUT2	0x0b
 
 /*
  * isa-debugcon only accepts 1-byte accesses (an outl is dropped), so the
@@ -100,16 +101,18 @@ static void hvsim_ring(u32 word)
 }
 
 /*
- * Ring the doorbell for the request page @page (page aligned, below 4 GiB,
- * header already filled) and spin until the host marks it done.
- * Must be called with interrupts off (the page is per-CPU).
- * Returns 0 or -ETIMEDOUT.
+ * Ring the doorbell for the request page starting with @hdr (page aligned,
+ * below 4 GiB, payload already filled) and spin until the host marks it
+ * done.  Must be called with interrupts off (the page is per-CPU).
+ * Returns 0, -EINVAL (bad page) or -ETIMEDOUT.
  */
 static int hvsim_doorbell(struct hvsim_hdr *hdr, unsigned int cpu)
 {
 	phys_addr_t pa = virt_to_phys(hdr);
 	u64 start = ktime_get_ns();
 
+	if (WARN_ON_ONCE(offset_in_page(hdr) || upper_32_bits(pa)))
+		return -EINVAL;
 	WRITE_ONCE(hdr->cpu, cpu);
 	WRITE_ONCE(hdr->state, HVSIM_STATE_PENDING);
 	/* Request stores must reach RAM before the host is told. */
@@ -130,8 +133,8 @@ static unsigned int hvsim_irq_drain(u32 *sum)
 {
 	unsigned int n = 0;
 
-	while (inb(irq_port + UART_LSR) & UART_LSR_DR) {
-		u8 v = inb(irq_port + UART_RBR);
+	while (inb(irq_port + HVSIM_UART_LSR) & HVSIM_UART_LSR_DR) {
+		u8 v = inb(irq_port + HVSIM_UART_RBR);
 
 		if (sum)
 			*sum += v;
@@ -143,18 +146,18 @@ static unsigned int hvsim_irq_drain(u32 *sum)
 /* 8N1, no FIFO (one byte = one RX interrupt, back-pressure in QEMU). */
 static void hvsim_irq_hw_init(void)
 {
-	outb(0x03, irq_port + UART_LCR);
-	outb(0x00, irq_port + UART_FCR);
-	outb(UART_MCR_DTR_RTS_OUT2, irq_port + UART_MCR);
+	outb(0x03, irq_port + HVSIM_UART_LCR);
+	outb(0x00, irq_port + HVSIM_UART_FCR);
+	outb(HVSIM_UART_MCR_DTR_RTS_OUT2, irq_port + HVSIM_UART_MCR);
 	hvsim_irq_drain(NULL);
-	inb(irq_port + UART_IIR);
-	outb(UART_IER_RDI, irq_port + UART_IER);
+	inb(irq_port + HVSIM_UART_IIR);
+	outb(HVSIM_UART_IER_RDI, irq_port + HVSIM_UART_IER);
 }
 
 static void hvsim_irq_hw_fini(void)
 {
-	outb(0, irq_port + UART_IER);
-	outb(0, irq_port + UART_MCR);
+	outb(0, irq_port + HVSIM_UART_IER);
+	outb(0, irq_port + HVSIM_UART_MCR);
 }
 
 /* ---- probe protocol (payload after the header) ----------------------- */
@@ -174,7 +177,8 @@ struct probe_req {
 
 static struct probe_req *__percpu *req_pages;
 
-static atomic_t irq_count = ATOMIC_INIT(0);
+static atomic_t irq_count = ATOMIC_INIT(0);	/* bytes received */
+static atomic_t irq_calls = ATOMIC_INIT(0);	/* handler invocations */
 static atomic_t irq_sum = ATOMIC_INIT(0);
 static DEFINE_PER_CPU(unsigned int, irq_on_cpu);
 static DECLARE_WAIT_QUEUE_HEAD(irq_wq);
@@ -186,7 +190,8 @@ static irqreturn_t probe_irq_handler(int this_irq, void *dev)
 
 	if (!n)
 		return IRQ_NONE;
-	this_cpu_add(irq_on_cpu, n);
+	this_cpu_inc(irq_on_cpu);
+	atomic_inc(&irq_calls);
 	atomic_add(sum, &irq_sum);
 	atomic_add(n, &irq_count);
 	wake_up(&irq_wq);
@@ -348,7 +353,8 @@ static int __init probe_init(void)
 	}
 	got = atomic_read(&irq_count);
 	for_each_online_cpu(cpu) {
-		pr_info("cpu%u: %u interrupts\n", cpu, per_cpu(irq_on_cpu, cpu));
+		pr_info("cpu%u: %u interrupt handler calls\n", cpu,
+			per_cpu(irq_on_cpu, cpu));
 		if (per_cpu(irq_on_cpu, cpu))
 			irq_cpus++;
 	}
@@ -357,10 +363,11 @@ static int __init probe_init(void)
 	    atomic_read(&irq_sum) != ncpu * (nirq * (nirq + 1) / 2))
 		pass = false;
 
-	pr_info("RESULT %s cpus=%u doorbells=%u/%u bad=%u avg_rtt_ns=%llu irqs=%u/%u irq_sum=%d irq_cpus=%u\n",
+	pr_info("RESULT %s cpus=%u doorbells=%u/%u bad=%u avg_rtt_ns=%llu "
+		"irqs=%u/%u irq_sum=%d irq_calls=%d irq_cpus=%u\n",
 		pass ? "PASS" : "FAIL", ncpu, ok, ncpu * nreq, bad,
 		ok ? sum_ns / ok : 0, got, want_irqs,
-		atomic_read(&irq_sum), irq_cpus);
+		atomic_read(&irq_sum), atomic_read(&irq_calls), irq_cpus);
 	return 0;	/* stay loaded; rmmod exercises the teardown */
 out:
 	if (irq_requested)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -66,10 +67,13 @@ class ProbeSim:
             t.write_u64(gpa + RESULT_OFF, (arg * 3 + cpu) & (2**64 - 1))
         elif op == OP_IRQS:
             t.write_u64(gpa + RESULT_OFF, arg)
-            # Raise them from another thread, after the reply is complete.
-            threading.Thread(target=lambda: [t.raise_interrupt(v)
-                                             for v in range(1, arg + 1)],
-                             daemon=True).start()
+            # Raise them from another thread, after the reply is complete,
+            # spaced out so that most arrive as separate interrupts.
+            def burst() -> None:
+                for v in range(1, arg + 1):
+                    time.sleep(0.002)
+                    t.raise_interrupt(v)
+            threading.Thread(target=burst, daemon=True).start()
         else:
             raise ValueError(f"probe: unknown op {op} from cpu{cpu}")
 
