@@ -112,7 +112,12 @@ class Wrapper:
             "\tif (hv_status)",
             "\t\t*hv_status = hc_status;",
             f"\tif (hc_status != {kconst('HV_STATUS_SUCCESS')}) {{",
+        ] + ([
+            "\t\tif (" + " &&\n\t\t    ".join(f"hc_status != {kconst(q)}" for q in h.quiet_statuses) + ")",
+            f'\t\t\tmshvr_hvcall_log_failure("{h.name}", {kconst("HVCALL_" + h.name.upper())}, hc_status);',
+        ] if h.quiet_statuses else [
             f'\t\tmshvr_hvcall_log_failure("{h.name}", {kconst("HVCALL_" + h.name.upper())}, hc_status);',
+        ]) + [
             ("\t\treturn hc_ret ? hc_ret : mshvr_hv_status_to_errno(hc_status);"
              if h.deposit else "\t\treturn mshvr_hv_status_to_errno(hc_status);"),
             "\t}",

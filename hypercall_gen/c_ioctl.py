@@ -183,7 +183,7 @@ def _cases(spec):
 def render_h(spec):
     out = [marker(spec)]
     out.append("#ifndef _MSHVR_IOCTL_H\n#define _MSHVR_IOCTL_H\n")
-    out.append('#include <linux/types.h>\n#include "uapi/linux/mshv.h"\n')
+    out.append('#include <linux/types.h>\n#include "mshvr_hv_types.h"\n#include "uapi/linux/mshv.h"\n')
     for fd in spec.uapi.fds.values():
         out.append(f"{fd['ctype']};")
     out.append("")
@@ -198,6 +198,11 @@ def render_h(spec):
             if c.fd == fdname:
                 out.append(c.proto())
         out.append("")
+    out.append("/* UAPI flag bits to the hypervisor flags they stand for */")
+    for e in spec.uapi.enums:
+        if e.maps_to or e.maps_always:
+            out.append(f"u64 mshvr_map_{e.name}(u64 bits);")
+    out.append("")
     out.append("#endif /* _MSHVR_IOCTL_H */")
     return "\n".join(out) + "\n"
 
@@ -216,6 +221,16 @@ def render_c(spec):
     for x in spec.uapi.ioctls:
         out.append(f"static_assert({x.name} == 0x{x.number:08x}U);")
     out.append("")
+    for e in spec.uapi.enums:
+        if not (e.maps_to or e.maps_always):
+            continue
+        out.append(f"u64 mshvr_map_{e.name}(u64 bits)\n{{")
+        always = " | ".join(f"MSHVR_{v}" for v in e.maps_always) or "0"
+        out.append(f"\tu64 hv = {always};\n")
+        for k, v in e.maps_to.items():
+            out.append(f"\tif (bits & (1ULL << {k}))")
+            out.append(f"\t\thv |= MSHVR_{v};")
+        out.append("\treturn hv;\n}\n")
     done = set()
     for c in _cases(spec):
         for chk in (c.check, c.ext_check):

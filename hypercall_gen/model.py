@@ -242,6 +242,7 @@ class Hypercall(Node):
         self.passthrough = raw["passthrough"]
         self.deposit = raw.get("deposit")
         self.rep_advance = raw.get("rep_advance")
+        self.quiet_statuses = list(raw.get("quiet_statuses", []))
         self.input = self.output = None
         self.rep_input = self.rep_output = self.varhead = None
 
@@ -271,6 +272,9 @@ class Hypercall(Node):
                 return spec.structs[name]
             _err(f"{self.src}.{key}", f"unknown type '{name}'")
 
+        for i, q in enumerate(self.quiet_statuses):
+            if q not in {s.name for s in spec.statuses}:
+                _err(f"{self.src}.quiet_statuses[{i}]", f"unknown status '{q}'")
         self.input = struct_ref("input")
         self.output = struct_ref("output")
         self.rep_input = elem_ref("rep_input")
@@ -376,6 +380,18 @@ class UapiEnum(Node):
         self.values = list(raw["values"])
         self.count = raw.get("count")
         self.mask = raw.get("mask")
+        self.maps_to = dict(raw.get("maps_to", {}))
+        self.maps_always = list(raw.get("maps_always", []))
+
+    def resolve(self, spec):
+        if (self.maps_to or self.maps_always) and not self.mask:
+            _err(f"{self.src}.maps_to", "only bit enums (with a mask) map to hypervisor flags")
+        for k, v in self.maps_to.items():
+            if k not in self.values:
+                _err(f"{self.src}.maps_to", f"'{k}' is not a value of {self.name}")
+            spec.value(v, f"{self.src}.maps_to.{k}")
+        for i, v in enumerate(self.maps_always):
+            spec.value(v, f"{self.src}.maps_always[{i}]")
 
 
 class Check:
@@ -581,6 +597,8 @@ class Spec:
                 self._add_const(e.mask, (1 << len(e.values)) - 1, f"{e.src}.mask")
         for st in self.structs.values():
             st.resolve(self)
+        for e in self.uapi.enums:
+            e.resolve(self)
         for st in self.uapi.structs.values():
             for f in st.fields:
                 if f.type_name not in INT_TYPES and f.type_name not in self.uapi.structs:

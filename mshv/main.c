@@ -16,38 +16,21 @@
 #include "mshvr_ioctl.h"
 #include "seam.h"
 
+/* HV_SCHEDULER_TYPE_* of the hypervisor; set once at load */
+u32 mshvr_scheduler;
+
 /* /dev/mshv handlers */
 
 long mshv_dev_ioctl_create_partition(struct file *ctx,
 				     const struct mshv_create_partition_v2 *arg)
 {
-	return -EOPNOTSUPP;	/* partitions arrive with the driver issue */
+	return mshvr_partition_create(arg);
 }
 
-long mshv_dev_ioctl_root_hvcall(struct file *ctx, struct mshv_root_hvcall *arg)
-{
-	return -EOPNOTSUPP;
-}
-
-/* partition fd handlers */
-
-long mshv_partition_ioctl_initialize(struct mshvr_partition *ctx)
-{
-	return -EOPNOTSUPP;
-}
-
-long mshv_partition_ioctl_create_vp(struct mshvr_partition *ctx,
-				    const struct mshv_create_vp *arg)
-{
-	return -EOPNOTSUPP;
-}
-
-long mshv_partition_ioctl_set_guest_memory(struct mshvr_partition *ctx,
-					   const struct mshv_user_mem_region *arg)
-{
-	return -EOPNOTSUPP;
-}
-
+/*
+ * Handlers of the driver issue that are not here yet: they say so instead
+ * of pretending.
+ */
 long mshv_partition_ioctl_irqfd(struct mshvr_partition *ctx, const struct mshv_user_irqfd *arg)
 {
 	return -EOPNOTSUPP;
@@ -71,18 +54,6 @@ long mshv_partition_ioctl_get_gpap_access_bitmap(struct mshvr_partition *ctx,
 	return -EOPNOTSUPP;
 }
 
-long mshv_partition_ioctl_root_hvcall(struct mshvr_partition *ctx, struct mshv_root_hvcall *arg)
-{
-	return -EOPNOTSUPP;
-}
-
-/* VP fd handlers */
-
-long mshv_vp_ioctl_run_vp(struct mshvr_vp *ctx, struct mshv_run_vp *arg)
-{
-	return -EOPNOTSUPP;
-}
-
 long mshv_vp_ioctl_get_vp_state(struct mshvr_vp *ctx, struct mshv_get_set_vp_state *arg)
 {
 	return -EOPNOTSUPP;
@@ -93,9 +64,26 @@ long mshv_vp_ioctl_set_vp_state(struct mshvr_vp *ctx, struct mshv_get_set_vp_sta
 	return -EOPNOTSUPP;
 }
 
-long mshv_vp_ioctl_root_hvcall(struct mshvr_vp *ctx, struct mshv_root_hvcall *arg)
+static int mshvr_query_scheduler(void)
 {
-	return -EOPNOTSUPP;
+	struct mshvr_hv_output_get_system_property out;
+	int ret;
+
+	ret = mshvr_hvcall_get_system_property(MSHVR_HV_SYSTEM_PROPERTY_SCHEDULER_TYPE, 0,
+					       &out, NULL);
+	if (ret)
+		return ret;
+	mshvr_scheduler = (u32)out.value;
+	switch (mshvr_scheduler) {
+	case MSHVR_HV_SCHEDULER_TYPE_LP:
+	case MSHVR_HV_SCHEDULER_TYPE_LP_SMT:
+	case MSHVR_HV_SCHEDULER_TYPE_CORE_SMT:
+	case MSHVR_HV_SCHEDULER_TYPE_ROOT:
+		return 0;
+	default:
+		pr_err("unknown hypervisor scheduler type %u\n", mshvr_scheduler);
+		return -ENODEV;
+	}
 }
 
 static long mshvr_dev_unlocked_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
@@ -127,13 +115,22 @@ static int __init mshvr_init(void)
 	ret = mshvr_hv_call_init();
 	if (ret)
 		goto seam_exit;
-	ret = misc_register(&mshvr_dev);
+	ret = mshvr_query_scheduler();
 	if (ret)
 		goto hv_call_exit;
-	pr_info("ready (%s), root partition id %llu\n", mshvr_seam_name(),
+	ret = mshvr_seam_synic_init(mshvr_synic_isr);
+	if (ret)
+		goto hv_call_exit;
+	ret = misc_register(&mshvr_dev);
+	if (ret)
+		goto synic_exit;
+	pr_info("ready (%s, %s scheduler), root partition id %llu\n", mshvr_seam_name(),
+		mshvr_scheduler == MSHVR_HV_SCHEDULER_TYPE_ROOT ? "root" : "hypervisor",
 		mshvr_root_partition_id());
 	return 0;
 
+synic_exit:
+	mshvr_seam_synic_exit();
 hv_call_exit:
 	mshvr_hv_call_exit();
 seam_exit:
@@ -144,6 +141,7 @@ seam_exit:
 static void __exit mshvr_exit(void)
 {
 	misc_deregister(&mshvr_dev);
+	mshvr_seam_synic_exit();
 	mshvr_hv_call_exit();
 	mshvr_seam_exit();
 }

@@ -34,4 +34,17 @@ u64 mshvr_seam_hypercall(u64 control, void *input, void *output);
 /* Issue a register-based (fast) hypercall with up to 16 bytes of input. */
 u64 mshvr_seam_hypercall_fast(u64 control, u64 in0, u64 in1);
 
+/*
+ * SynIC notifications. The seam calls @handler in hard-IRQ context when the
+ * SynIC message page of root CPU @cpu may hold a new message; @simp is that
+ * page (16 slots of struct mshvr_hv_message, one per SINT) and @siefp its
+ * event-flags page. The handler consumes the SINT0 slot and calls
+ * mshvr_seam_synic_eom(@cpu) when the hypervisor has more queued.
+ */
+typedef void (*mshvr_synic_handler_t)(unsigned int cpu, void *simp, void *siefp);
+
+int mshvr_seam_synic_init(mshvr_synic_handler_t handler);
+void mshvr_seam_synic_exit(void);
+void mshvr_seam_synic_eom(unsigned int cpu);
+
 #endif /* _MSHVR_SEAM_H */

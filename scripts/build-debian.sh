@@ -12,6 +12,7 @@ fi
 for kver in "${kvers[@]}"; do
 	kdir=/usr/src/linux-headers-$kver
 	out=build/$kver
+	case " $* " in *" HVSIM=1 "*) out=build/$kver-hvsim ;; esac
 	echo "== building mshv_root.ko for $kver (W=1) $*"
 	rm -rf "$out" && mkdir -p "$out"
 	cp -r Kbuild mshv gen "$out/"

@@ -1,0 +1,213 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Guest memory: user memory pinned and mapped into a partition's GPA space.
+ *
+ * A region is mapped in runs: a run of 2 MiB pages (GFN, PFN and length
+ * 2 MiB aligned, physically contiguous, partition created with GPA super
+ * pages) goes to the hypervisor with HV_MAP_GPA_LARGE_PAGE and one frame
+ * number per 2 MiB; anything else in 4 KiB pages. All under partition->lock.
+ */
+#include "mshv_root.h"
+
+#include <linux/mm.h>
+#include <linux/sched/mm.h>
+#include <linux/slab.h>
+
+#include "mshvr_hvcall.h"
+#include "mshvr_ioctl.h"
+
+static bool mshvr_region_large_at(const struct mshvr_partition *pt,
+				  const struct mshvr_region *r, u64 i)
+{
+	unsigned long pfn;
+	u64 k;
+
+	if (!(pt->hv_flags & MSHVR_HV_PARTITION_CREATION_FLAG_GPA_SUPER_PAGES_ENABLED))
+		return false;
+	if ((r->start_gfn + i) % MSHVR_LARGE_PAGES || i + MSHVR_LARGE_PAGES > r->nr_pages)
+		return false;
+	pfn = page_to_pfn(r->pages[i]);
+	if (pfn % MSHVR_LARGE_PAGES)
+		return false;
+	for (k = 1; k < MSHVR_LARGE_PAGES; k++)
+		if (page_to_pfn(r->pages[i + k]) != pfn + k)
+			return false;
+	return true;
+}
+
+/* End (exclusive, in pages) of the run of same-sized pages starting at @i. */
+static u64 mshvr_region_run(const struct mshvr_partition *pt, const struct mshvr_region *r,
+			    u64 i, u64 limit, bool *large)
+{
+	u64 j = i;
+
+	*large = mshvr_region_large_at(pt, r, i);
+	while (j < limit && mshvr_region_large_at(pt, r, j) == *large)
+		j += *large ? MSHVR_LARGE_PAGES : 1;
+	return min(j, limit);
+}
+
+/* Unmap the first @limit pages of @r from the hypervisor. */
+static int mshvr_region_hv_unmap(struct mshvr_partition *pt, struct mshvr_region *r, u64 limit)
+{
+	u64 i = 0, j;
+	bool large;
+	int ret, err = 0;
+
+	while (i < limit) {
+		j = mshvr_region_run(pt, r, i, limit, &large);
+		if (large)
+			ret = mshvr_hvcall_unmap_gpa_pages(pt->id, r->start_gfn + i,
+							   MSHVR_HV_UNMAP_GPA_LARGE_PAGE,
+							   (j - i) / MSHVR_LARGE_PAGES, NULL, NULL);
+		else
+			ret = mshvr_hvcall_unmap_gpa_pages(pt->id, r->start_gfn + i, 0,
+							   j - i, NULL, NULL);
+		if (ret && !err)
+			err = ret;
+		i = j;
+	}
+	return err;
+}
+
+/* Map @r into the hypervisor; on failure unmap what was mapped. */
+static int mshvr_region_hv_map(struct mshvr_partition *pt, struct mshvr_region *r)
+{
+	u64 *pfns, i = 0, j, k, n;
+	u32 done;
+	bool large;
+	int ret = 0;
+
+	pfns = kvmalloc_array(r->nr_pages, sizeof(*pfns), GFP_KERNEL);
+	if (!pfns)
+		return -ENOMEM;
+	while (i < r->nr_pages) {
+		j = mshvr_region_run(pt, r, i, r->nr_pages, &large);
+		n = 0;
+		for (k = i; k < j; k += large ? MSHVR_LARGE_PAGES : 1)
+			pfns[n++] = page_to_pfn(r->pages[k]);
+		done = 0;
+		ret = mshvr_hvcall_map_gpa_pages(pt->id, r->start_gfn + i,
+						 r->hv_flags | (large ? MSHVR_HV_MAP_GPA_LARGE_PAGE : 0),
+						 pfns, n, &done, NULL);
+		if (ret) {
+			/* undo exactly what is mapped: the runs before, and part of this one */
+			if (mshvr_region_hv_unmap(pt, r, i + (u64)done *
+						  (large ? MSHVR_LARGE_PAGES : 1)))
+				pr_err("partition %llu: unmap after failed map failed\n", pt->id);
+			break;
+		}
+		i = j;
+	}
+	kvfree(pfns);
+	return ret;
+}
+
+static void mshvr_region_free(struct mshvr_region *r, u64 pinned)
+{
+	if (pinned)
+		unpin_user_pages_dirty_lock(r->pages, pinned,
+					    r->hv_flags & MSHVR_HV_MAP_GPA_WRITABLE);
+	kvfree(r->pages);
+	kfree(r);
+}
+
+void mshvr_region_destroy(struct mshvr_partition *pt, struct mshvr_region *r, bool hv_unmap)
+{
+	list_del(&r->node);
+	if (hv_unmap && mshvr_region_hv_unmap(pt, r, r->nr_pages)) {
+		/* the hypervisor may still map these pages: never unpin them */
+		pr_err("partition %llu: LEAK: %llu pinned pages at gfn %#llx stay pinned\n",
+		       pt->id, r->nr_pages, r->start_gfn);
+		kvfree(r->pages);
+		kfree(r);
+		return;
+	}
+	mshvr_region_free(r, r->nr_pages);
+}
+
+static int mshvr_region_pin(struct mshvr_region *r, u64 *pinned)
+{
+	u64 done = 0;
+	int n;
+
+	while (done < r->nr_pages) {
+		unsigned long want = min_t(u64, r->nr_pages - done, MSHVR_PIN_BATCH);
+
+		n = pin_user_pages_fast(r->uaddr + done * PAGE_SIZE, want,
+					FOLL_WRITE | FOLL_LONGTERM, r->pages + done);
+		if (n < 0) {
+			*pinned = done;
+			return n;
+		}
+		done += n;
+		if ((unsigned long)n < want) {
+			*pinned = done;
+			return -EFAULT;
+		}
+		cond_resched();
+	}
+	*pinned = done;
+	return 0;
+}
+
+int mshvr_region_map(struct mshvr_partition *pt, const struct mshv_user_mem_region *arg)
+{
+	u64 nr = arg->size >> PAGE_SHIFT, pinned = 0;
+	struct mshvr_region *r;
+	struct vm_area_struct *vma;
+	bool io;
+	int ret;
+
+	if (arg->guest_pfn + nr < arg->guest_pfn || arg->userspace_addr + arg->size < arg->userspace_addr)
+		return -EINVAL;
+	list_for_each_entry(r, &pt->regions, node)
+		if (arg->guest_pfn < r->start_gfn + r->nr_pages &&
+		    r->start_gfn < arg->guest_pfn + nr)
+			return -EEXIST;
+
+	mmap_read_lock(current->mm);
+	vma = vma_lookup(current->mm, arg->userspace_addr);
+	io = vma && (vma->vm_flags & (VM_IO | VM_PFNMAP));
+	mmap_read_unlock(current->mm);
+	if (!vma)
+		return -EINVAL;
+	if (io)
+		return -EOPNOTSUPP;	/* MMIO regions arrive with the driver issue */
+
+	r = kzalloc(sizeof(*r), GFP_KERNEL_ACCOUNT);
+	if (!r)
+		return -ENOMEM;
+	r->start_gfn = arg->guest_pfn;
+	r->nr_pages = nr;
+	r->uaddr = arg->userspace_addr;
+	r->hv_flags = (u32)mshvr_map_mshv_set_mem_bit(arg->flags);
+	r->pages = kvcalloc(nr, sizeof(*r->pages), GFP_KERNEL_ACCOUNT);
+	if (!r->pages) {
+		kfree(r);
+		return -ENOMEM;
+	}
+	ret = mshvr_region_pin(r, &pinned);
+	if (!ret)
+		ret = mshvr_region_hv_map(pt, r);
+	if (ret) {
+		mshvr_region_free(r, pinned);
+		return ret;
+	}
+	list_add_tail(&r->node, &pt->regions);
+	return 0;
+}
+
+int mshvr_region_unmap(struct mshvr_partition *pt, const struct mshv_user_mem_region *arg)
+{
+	struct mshvr_region *r;
+
+	list_for_each_entry(r, &pt->regions, node) {
+		if (r->start_gfn == arg->guest_pfn && r->uaddr == arg->userspace_addr &&
+		    r->nr_pages == arg->size >> PAGE_SHIFT) {
+			mshvr_region_destroy(pt, r, true);
+			return 0;
+		}
+	}
+	return -EINVAL;
+}

@@ -1,0 +1,329 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * hvsim seam (test builds only: make HVSIM=1). The "hypervisor" is a Python
+ * simulator on the host running QEMU; see docs/hvsim-transport.md.
+ *
+ * Transport: each CPU owns one request page (struct mshvr_hvsim_request,
+ * below 4 GiB). To issue a request the CPU fills the page, sets state to
+ * PENDING and rings the doorbell: the 32-bit word (page GPA | cpu) written
+ * as four outb() to an isa-debugcon port that QEMU forwards to the
+ * simulator. The simulator reads and writes guest RAM directly (a shared
+ * file) and sets state to DONE last; the CPU spins on it. Notifications
+ * from the simulator arrive as RX interrupts of a 16550 UART at a
+ * non-standard port; each received byte names the CPU whose SynIC message
+ * page has news.
+ *
+ * Locking: a request page is used only with interrupts disabled on its own
+ * CPU, so it never has two users; hvsim_ring_lock keeps the four doorbell
+ * bytes of two CPUs from interleaving.
+ */
+#include "mshv_root.h"
+
+#include <linux/delay.h>
+#include <linux/gfp.h>
+#include <linux/interrupt.h>
+#include <linux/io.h>
+#include <linux/ioport.h>
+#include <linux/ktime.h>
+#include <linux/mm.h>
+#include <linux/percpu.h>
+#include <linux/slab.h>
+
+#include "mshvr_hv_types.h"
+#include "seam.h"
+
+#define HVSIM_TIMEOUT_NS	(30ULL * NSEC_PER_SEC)
+#define HVSIM_CPU_MASK		0xfffu
+
+/* 16550 registers, offsets from MSHVR_HVSIM_IRQ_PORT */
+#define UART_RBR	0
+#define UART_IER	1
+#define UART_IIR_FCR	2
+#define UART_LCR	3
+#define UART_MCR	4
+#define UART_LSR	5
+#define UART_LSR_DR	0x01
+#define UART_IER_RDI	0x01
+#define UART_MCR_DTR_RTS_OUT2	0x0b
+
+static struct mshvr_hvsim_request * __percpu *hvsim_req;
+static DEFINE_RAW_SPINLOCK(hvsim_ring_lock);
+static bool hvsim_region;
+
+/* Per possible CPU: its SynIC pages, mapped once at synic init. */
+struct hvsim_synic {
+	void *simp;
+	void *siefp;
+};
+static struct hvsim_synic *hvsim_synic;
+static mshvr_synic_handler_t hvsim_handler;
+static bool hvsim_irq_requested;
+
+static void hvsim_ring(u32 word)
+{
+	unsigned long flags;
+
+	raw_spin_lock_irqsave(&hvsim_ring_lock, flags);
+	outb(word, MSHVR_HVSIM_DOORBELL_PORT);
+	outb(word >> 8, MSHVR_HVSIM_DOORBELL_PORT);
+	outb(word >> 16, MSHVR_HVSIM_DOORBELL_PORT);
+	outb(word >> 24, MSHVR_HVSIM_DOORBELL_PORT);
+	raw_spin_unlock_irqrestore(&hvsim_ring_lock, flags);
+}
+
+/*
+ * Send this CPU's request page (op and arguments filled in) and wait for
+ * the answer. Interrupts must be off.
+ */
+static int hvsim_call(struct mshvr_hvsim_request *req)
+{
+	unsigned int cpu = smp_processor_id();
+	phys_addr_t pa = virt_to_phys(req);
+	u64 start = ktime_get_ns();
+
+	lockdep_assert_irqs_disabled();
+	req->rsvd0 = 0;
+	req->seq++;
+	WRITE_ONCE(req->cpu, cpu);
+	WRITE_ONCE(req->state, MSHVR_HVSIM_STATE_PENDING);
+	/* the request must be in RAM before the simulator is told */
+	wmb();
+	hvsim_ring((u32)pa | (cpu & HVSIM_CPU_MASK));
+	while (READ_ONCE(req->state) != MSHVR_HVSIM_STATE_DONE) {
+		cpu_relax();
+		if (ktime_get_ns() - start > HVSIM_TIMEOUT_NS) {
+			pr_err("hvsim: no answer to op %u on cpu %u\n", req->op, cpu);
+			return -ETIMEDOUT;
+		}
+	}
+	/* the answer must not be read before the state */
+	rmb();
+	return 0;
+}
+
+static struct mshvr_hvsim_request *hvsim_this_req(void)
+{
+	return *this_cpu_ptr(hvsim_req);
+}
+
+u64 mshvr_seam_hypercall(u64 control, void *input, void *output)
+{
+	struct mshvr_hvsim_request *req = hvsim_this_req();
+
+	req->op = MSHVR_HVSIM_OP_HYPERCALL;
+	req->control = control;
+	req->input_gpa = virt_to_phys(input);
+	req->output_gpa = virt_to_phys(output);
+	req->result = MSHVR_HV_STATUS_TIME_OUT;
+	if (hvsim_call(req))
+		return MSHVR_HV_STATUS_TIME_OUT;
+	return req->result;
+}
+
+u64 mshvr_seam_hypercall_fast(u64 control, u64 in0, u64 in1)
+{
+	struct mshvr_hvsim_request *req;
+	unsigned long flags;
+	u64 result = MSHVR_HV_STATUS_TIME_OUT;
+
+	local_irq_save(flags);
+	req = hvsim_this_req();
+	req->op = MSHVR_HVSIM_OP_HYPERCALL_FAST;
+	req->control = control | MSHVR_HV_CONTROL_FAST_MASK;
+	req->in0 = in0;
+	req->in1 = in1;
+	if (!hvsim_call(req))
+		result = req->result;
+	local_irq_restore(flags);
+	return result;
+}
+
+/* A non-hypercall request from process or IRQ context. */
+static int hvsim_op(u32 op, u64 *arg0, u64 *arg1, u64 *arg2)
+{
+	struct mshvr_hvsim_request *req;
+	unsigned long flags;
+	int ret;
+
+	local_irq_save(flags);
+	req = hvsim_this_req();
+	req->op = op;
+	req->arg0 = arg0 ? *arg0 : 0;
+	req->arg1 = arg1 ? *arg1 : 0;
+	req->arg2 = arg2 ? *arg2 : 0;
+	ret = hvsim_call(req);
+	if (!ret) {
+		if (arg0)
+			*arg0 = req->arg0;
+		if (arg1)
+			*arg1 = req->arg1;
+		if (arg2)
+			*arg2 = req->arg2;
+	}
+	local_irq_restore(flags);
+	return ret;
+}
+
+static void hvsim_free_pages(void)
+{
+	unsigned int cpu;
+
+	if (!hvsim_req)
+		return;
+	for_each_possible_cpu(cpu) {
+		struct mshvr_hvsim_request *req = *per_cpu_ptr(hvsim_req, cpu);
+
+		if (req)
+			free_page((unsigned long)req);
+	}
+	free_percpu(hvsim_req);
+	hvsim_req = NULL;
+}
+
+int mshvr_seam_init(void)
+{
+	u64 magic = 0, version = 0, base = 0;
+	unsigned int cpu;
+	int ret;
+
+	if (!request_region(MSHVR_HVSIM_IRQ_PORT, 8, "mshv-hvsim")) {
+		pr_info("hvsim: notification port %#llx busy\n", MSHVR_HVSIM_IRQ_PORT);
+		return -ENODEV;
+	}
+	hvsim_region = true;
+	if (inb(MSHVR_HVSIM_DOORBELL_PORT) != MSHVR_HVSIM_DOORBELL_READBACK) {
+		pr_info("not running under the hvsim simulator (no doorbell at %#llx)\n",
+			MSHVR_HVSIM_DOORBELL_PORT);
+		ret = -ENODEV;
+		goto err;
+	}
+	hvsim_req = alloc_percpu(struct mshvr_hvsim_request *);
+	if (!hvsim_req) {
+		ret = -ENOMEM;
+		goto err;
+	}
+	for_each_possible_cpu(cpu) {
+		/* the doorbell word carries GPA bits 12..31: stay below 4 GiB */
+		unsigned long p = get_zeroed_page(GFP_KERNEL | GFP_DMA32);
+
+		if (!p) {
+			ret = -ENOMEM;
+			goto err;
+		}
+		*per_cpu_ptr(hvsim_req, cpu) = (void *)p;
+	}
+	ret = hvsim_op(MSHVR_HVSIM_OP_HELLO, &magic, &version, &base);
+	if (ret || magic != MSHVR_HVSIM_MAGIC || version != MSHVR_HVSIM_VERSION) {
+		pr_info("hvsim: no simulator handshake (ret %d, magic %#llx, version %llu)\n",
+			ret, magic, version);
+		ret = -ENODEV;
+		goto err;
+	}
+	return 0;
+err:
+	mshvr_seam_exit();
+	return ret;
+}
+
+void mshvr_seam_exit(void)
+{
+	hvsim_free_pages();
+	if (hvsim_region)
+		release_region(MSHVR_HVSIM_IRQ_PORT, 8);
+	hvsim_region = false;
+}
+
+const char *mshvr_seam_name(void)
+{
+	return "hvsim";
+}
+
+static irqreturn_t hvsim_isr(int irq, void *dev)
+{
+	unsigned int n = 0;
+
+	while (inb(MSHVR_HVSIM_IRQ_PORT + UART_LSR) & UART_LSR_DR) {
+		unsigned int cpu = inb(MSHVR_HVSIM_IRQ_PORT + UART_RBR);
+
+		n++;
+		if (cpu < nr_cpu_ids && hvsim_synic[cpu].simp)
+			hvsim_handler(cpu, hvsim_synic[cpu].simp, hvsim_synic[cpu].siefp);
+		else
+			pr_warn_ratelimited("hvsim: notification for unknown cpu %u\n", cpu);
+	}
+	return n ? IRQ_HANDLED : IRQ_NONE;
+}
+
+static void hvsim_unmap_synic(void)
+{
+	unsigned int cpu;
+
+	if (!hvsim_synic)
+		return;
+	for_each_possible_cpu(cpu) {
+		if (hvsim_synic[cpu].simp)
+			memunmap(hvsim_synic[cpu].simp);
+		if (hvsim_synic[cpu].siefp)
+			memunmap(hvsim_synic[cpu].siefp);
+	}
+	kfree(hvsim_synic);
+	hvsim_synic = NULL;
+}
+
+int mshvr_seam_synic_init(mshvr_synic_handler_t handler)
+{
+	unsigned int cpu;
+	int ret;
+
+	hvsim_synic = kcalloc(nr_cpu_ids, sizeof(*hvsim_synic), GFP_KERNEL);
+	if (!hvsim_synic)
+		return -ENOMEM;
+	for_each_possible_cpu(cpu) {
+		u64 simp = cpu, siefp = 0;
+
+		ret = hvsim_op(MSHVR_HVSIM_OP_SYNIC_PAGES, &simp, &siefp, NULL);
+		if (ret)
+			goto err;
+		hvsim_synic[cpu].simp = memremap(simp, PAGE_SIZE, MEMREMAP_WB);
+		hvsim_synic[cpu].siefp = memremap(siefp, PAGE_SIZE, MEMREMAP_WB);
+		if (!hvsim_synic[cpu].simp || !hvsim_synic[cpu].siefp) {
+			ret = -ENOMEM;
+			goto err;
+		}
+	}
+	hvsim_handler = handler;
+	/* 8N1, no FIFO: one byte per interrupt, back-pressure in QEMU */
+	outb(0x03, MSHVR_HVSIM_IRQ_PORT + UART_LCR);
+	outb(0x00, MSHVR_HVSIM_IRQ_PORT + UART_IIR_FCR);
+	outb(UART_MCR_DTR_RTS_OUT2, MSHVR_HVSIM_IRQ_PORT + UART_MCR);
+	while (inb(MSHVR_HVSIM_IRQ_PORT + UART_LSR) & UART_LSR_DR)
+		inb(MSHVR_HVSIM_IRQ_PORT + UART_RBR);
+	inb(MSHVR_HVSIM_IRQ_PORT + UART_IIR_FCR);
+	ret = request_irq(MSHVR_HVSIM_IRQ, hvsim_isr, 0, "mshv-hvsim", &hvsim_synic);
+	if (ret)
+		goto err;
+	hvsim_irq_requested = true;
+	outb(UART_IER_RDI, MSHVR_HVSIM_IRQ_PORT + UART_IER);
+	return 0;
+err:
+	hvsim_unmap_synic();
+	return ret;
+}
+
+void mshvr_seam_synic_exit(void)
+{
+	if (hvsim_irq_requested) {
+		outb(0, MSHVR_HVSIM_IRQ_PORT + UART_IER);
+		outb(0, MSHVR_HVSIM_IRQ_PORT + UART_MCR);
+		free_irq(MSHVR_HVSIM_IRQ, &hvsim_synic);
+		hvsim_irq_requested = false;
+	}
+	hvsim_unmap_synic();
+}
+
+void mshvr_seam_synic_eom(unsigned int cpu)
+{
+	u64 arg0 = cpu;
+
+	hvsim_op(MSHVR_HVSIM_OP_EOM, &arg0, NULL, NULL);
+}

@@ -1,0 +1,295 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Virtual processors: creation, the VP fd, its mmap of the state pages, and
+ * the run loop in both scheduler modes.
+ */
+#include "mshv_root.h"
+
+#include <linux/anon_inodes.h>
+#include <linux/file.h>
+#include <linux/fs.h>
+#include <linux/io.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/sched/signal.h>
+#include <linux/slab.h>
+
+#include "mshvr_hvcall.h"
+#include "mshvr_ioctl.h"
+
+int mshvr_set_vp_register(struct mshvr_partition *pt, u32 vp_index, u32 name, u64 value)
+{
+	struct mshvr_hv_register_assoc a = { .name = name, .value.low = value };
+
+	return mshvr_hvcall_set_vp_registers(pt->id, vp_index, 0, &a, 1, NULL, NULL);
+}
+
+int mshvr_get_vp_register(struct mshvr_partition *pt, u32 vp_index, u32 name, u64 *value)
+{
+	struct mshvr_hv_register_value v;
+	int ret;
+
+	ret = mshvr_hvcall_get_vp_registers(pt->id, vp_index, 0, &name, &v, 1, NULL, NULL);
+	if (!ret)
+		*value = v.low;
+	return ret;
+}
+
+static int mshvr_map_state_page(struct mshvr_partition *pt, u32 index, u16 type,
+				u64 *pfn, void **page)
+{
+	struct mshvr_hv_output_map_location out;
+	int ret;
+
+	ret = mshvr_hvcall_map_vp_state_page(pt->id, index, type, 0, 0, 0, &out, NULL);
+	if (ret)
+		return ret;
+	*pfn = out.map_location;
+	*page = memremap(*pfn << PAGE_SHIFT, PAGE_SIZE, MEMREMAP_WB);
+	if (!*page) {
+		mshvr_hvcall_unmap_vp_state_page(pt->id, index, type, 0, NULL);
+		return -ENOMEM;
+	}
+	return 0;
+}
+
+static void mshvr_unmap_state_page(struct mshvr_partition *pt, u32 index, u16 type, void *page)
+{
+	if (!page)
+		return;
+	memunmap(page);
+	if (mshvr_hvcall_unmap_vp_state_page(pt->id, index, type, 0, NULL))
+		pr_err("partition %llu vp %u: state page %u not unmapped\n", pt->id, index, type);
+}
+
+/* Release the VP's hypervisor pages and free it; the hypervisor VP itself
+ * goes away with FinalizePartition, or with DeleteVp when @delete is set.
+ */
+static void mshvr_vp_free(struct mshvr_vp *vp, bool delete)
+{
+	struct mshvr_partition *pt = vp->partition;
+
+	mshvr_unmap_state_page(pt, vp->index, MSHVR_HV_VP_STATE_PAGE_REGISTERS, vp->reg_page);
+	mshvr_unmap_state_page(pt, vp->index, MSHVR_HV_VP_STATE_PAGE_INTERCEPT_MESSAGE,
+			       vp->msg_page);
+	if (delete && mshvr_hvcall_delete_vp(pt->id, vp->index, NULL))
+		pr_err("partition %llu vp %u: delete failed\n", pt->id, vp->index);
+	mutex_destroy(&vp->lock);
+	kfree(vp);
+}
+
+void mshvr_vp_destroy(struct mshvr_vp *vp)
+{
+	mshvr_vp_free(vp, false);
+}
+
+void mshvr_vp_kick(u64 partition_id, u32 vp_index)
+{
+	struct mshvr_partition *pt;
+	struct mshvr_vp *vp;
+
+	rcu_read_lock();
+	pt = xa_load(&mshvr_partitions, partition_id);
+	vp = pt ? xa_load(&pt->vps, vp_index) : NULL;
+	if (vp) {
+		atomic_set(&vp->kicked, 1);
+		wake_up(&vp->wq);
+	} else {
+		pr_warn_ratelimited("kick for unknown vp %llu/%u\n", partition_id, vp_index);
+	}
+	rcu_read_unlock();
+}
+
+static long mshvr_vp_unlocked_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
+{
+	struct mshvr_vp *vp = filp->private_data;
+	long ret;
+
+	if (mutex_lock_killable(&vp->lock))
+		return -EINTR;
+	ret = mshvr_ioctl_dispatch_vp(vp, cmd, arg);
+	mutex_unlock(&vp->lock);
+	return ret;
+}
+
+static int mshvr_vp_mmap(struct file *filp, struct vm_area_struct *vma)
+{
+	struct mshvr_vp *vp = filp->private_data;
+	u64 pfn;
+
+	switch (vma->vm_pgoff) {
+	case MSHV_VP_MMAP_OFFSET_REGISTERS:
+		pfn = vp->reg_pfn;
+		break;
+	case MSHV_VP_MMAP_OFFSET_INTERCEPT_MESSAGE:
+		pfn = vp->msg_pfn;
+		break;
+	default:
+		return -EINVAL;
+	}
+	if (vma->vm_end - vma->vm_start != PAGE_SIZE)
+		return -EINVAL;
+	return remap_pfn_range(vma, vma->vm_start, pfn, PAGE_SIZE, vma->vm_page_prot);
+}
+
+static int mshvr_vp_release(struct inode *inode, struct file *filp)
+{
+	struct mshvr_vp *vp = filp->private_data;
+
+	mshvr_partition_put(vp->partition);
+	return 0;
+}
+
+static const struct file_operations mshvr_vp_fops = {
+	.owner = THIS_MODULE,
+	.release = mshvr_vp_release,
+	.unlocked_ioctl = mshvr_vp_unlocked_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.mmap = mshvr_vp_mmap,
+	.llseek = noop_llseek,
+};
+
+int mshvr_vp_create(struct mshvr_partition *pt, u32 index)
+{
+	struct mshvr_vp *vp;
+	struct file *file;
+	int fd, ret;
+
+	if (index >= MSHVR_MAX_VPS)
+		return -EINVAL;
+	if (xa_load(&pt->vps, index))
+		return -EEXIST;
+	vp = kzalloc(sizeof(*vp), GFP_KERNEL_ACCOUNT);
+	if (!vp)
+		return -ENOMEM;
+	vp->partition = pt;
+	vp->index = index;
+	mutex_init(&vp->lock);
+	init_waitqueue_head(&vp->wq);
+
+	ret = mshvr_hvcall_create_vp(pt->id, index, 0, 0, 0, 0, 0, NULL);
+	if (ret) {
+		kfree(vp);
+		return ret;
+	}
+	ret = mshvr_map_state_page(pt, index, MSHVR_HV_VP_STATE_PAGE_INTERCEPT_MESSAGE,
+				   &vp->msg_pfn, (void **)&vp->msg_page);
+	if (ret)
+		goto free;
+	ret = mshvr_map_state_page(pt, index, MSHVR_HV_VP_STATE_PAGE_REGISTERS,
+				   &vp->reg_pfn, (void **)&vp->reg_page);
+	if (ret)
+		goto free;
+	fd = get_unused_fd_flags(O_CLOEXEC);
+	if (fd < 0) {
+		ret = fd;
+		goto free;
+	}
+	ret = xa_insert(&pt->vps, index, vp, GFP_KERNEL_ACCOUNT);
+	if (ret)
+		goto put_fd;
+	refcount_inc(&pt->ref);		/* for the VP fd */
+	file = anon_inode_getfile("mshv_vp", &mshvr_vp_fops, vp, O_RDWR);
+	if (IS_ERR(file)) {
+		ret = PTR_ERR(file);
+		refcount_dec(&pt->ref);
+		xa_erase(&pt->vps, index);
+		synchronize_rcu();
+		goto put_fd;
+	}
+	fd_install(fd, file);
+	return fd;
+
+put_fd:
+	put_unused_fd(fd);
+free:
+	mshvr_vp_free(vp, true);
+	return ret;
+}
+
+/* Root scheduler: this thread dispatches the VP until it intercepts. */
+static long mshvr_run_root(struct mshvr_vp *vp)
+{
+	struct mshvr_partition *pt = vp->partition;
+	struct mshvr_hv_output_dispatch_vp out;
+	u32 flags;
+	int ret;
+
+	if (!vp->started) {
+		ret = mshvr_set_vp_register(pt, vp->index, MSHVR_HV_REGISTER_EXPLICIT_SUSPEND, 0);
+		if (ret)
+			return ret;
+		vp->started = true;
+	}
+	for (;;) {
+		if (signal_pending(current))
+			return -EINTR;
+		cond_resched();
+		flags = vp->intercept_pending ? MSHVR_HV_DISPATCH_VP_FLAG_CLEAR_INTERCEPT_SUSPEND : 0;
+		atomic_set(&vp->kicked, 0);
+		ret = mshvr_hvcall_dispatch_vp(pt->id, vp->index, flags, 0, 0, &out, NULL);
+		if (ret)
+			return ret;
+		vp->intercept_pending = false;
+		if (out.dispatch_state == MSHVR_HV_VP_DISPATCH_STATE_READY &&
+		    out.dispatch_event == MSHVR_HV_VP_DISPATCH_EVENT_INTERCEPT) {
+			vp->intercept_pending = true;
+			return 0;
+		}
+		if (out.dispatch_state == MSHVR_HV_VP_DISPATCH_STATE_BLOCKED) {
+			/* halted or waiting: sleep until the hypervisor signals the VP */
+			if (wait_event_interruptible(vp->wq, atomic_read(&vp->kicked)))
+				return -EINTR;
+		}
+		/* READY without an intercept: the time slice ended, go again */
+	}
+}
+
+/*
+ * Hypervisor scheduler: release the VP (intercept suspend first, so a new
+ * intercept cannot be lost) and sleep until the SynIC handler kicks it.
+ */
+static long mshvr_run_core(struct mshvr_vp *vp)
+{
+	struct mshvr_partition *pt = vp->partition;
+	struct mshvr_hv_register_assoc regs[2] = {
+		{ .name = MSHVR_HV_REGISTER_INTERCEPT_SUSPEND },
+		{ .name = MSHVR_HV_REGISTER_EXPLICIT_SUSPEND },
+	};
+	u64 intercept;
+	int ret;
+
+	atomic_set(&vp->kicked, 0);
+	ret = mshvr_hvcall_set_vp_registers(pt->id, vp->index, 0, regs, 2, NULL, NULL);
+	if (ret)
+		return ret;
+	if (!wait_event_interruptible(vp->wq, atomic_read(&vp->kicked)))
+		return 0;
+	/* a signal: stop the VP, then see whether an intercept beat us */
+	ret = mshvr_set_vp_register(pt, vp->index, MSHVR_HV_REGISTER_EXPLICIT_SUSPEND, 1);
+	if (!ret)
+		ret = mshvr_get_vp_register(pt, vp->index, MSHVR_HV_REGISTER_INTERCEPT_SUSPEND,
+					    &intercept);
+	if (ret)
+		return ret;
+	if (!intercept)
+		return -EINTR;
+	/* the message is on its way: it is the answer to this run */
+	wait_event(vp->wq, atomic_read(&vp->kicked));
+	return 0;
+}
+
+long mshv_vp_ioctl_run_vp(struct mshvr_vp *vp, struct mshv_run_vp *arg)
+{
+	long ret;
+
+	if (mshvr_scheduler == MSHVR_HV_SCHEDULER_TYPE_ROOT)
+		ret = mshvr_run_root(vp);
+	else
+		ret = mshvr_run_core(vp);
+	if (ret)
+		return ret;
+	BUILD_BUG_ON(sizeof(arg->msg_buf) != sizeof(*vp->msg_page));
+	memcpy(arg->msg_buf, vp->msg_page, sizeof(arg->msg_buf));
+	return 0;
+}
