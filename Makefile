@@ -75,6 +75,7 @@ setup:
 
 run: setup
 	@$(MAKE) --no-print-directory PYTHON=$(VENV)/bin/python debian-modules
+	@$(VENV)/bin/python scripts/hvsim-run.py
 
 check: setup
 	@$(MAKE) --no-print-directory PYTHON=$(VENV)/bin/python generate

@@ -96,8 +96,12 @@ def render(spec):
         out.append(f"# {e.name}: {e.doc}")
         for name, val, _d, _s in e.values:
             out.append(f"{name} = 0x{val:x}")
-        out.append(f"{e.name.upper()} = {{" + ", ".join(f'"{n}": 0x{v:x}' for n, v, _d, _s in e.values) + "}")
         out.append("")
+    out.append("ENUMS = {")
+    for e in spec.enums.values():
+        out.append(f'    "{e.name}": {{' + ", ".join(f'"{n}": 0x{v:x}' for n, v, _d, _s in e.values) + "},")
+    out.append("}")
+    out.append("")
     u = spec.uapi
     out.append("# UAPI defines and enums")
     out.append(f"MSHV_IOCTL = 0x{u.ioctl_type:x}")

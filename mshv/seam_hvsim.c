@@ -19,6 +19,7 @@
  */
 #include "mshv_root.h"
 
+#include <linux/debugfs.h>
 #include <linux/delay.h>
 #include <linux/gfp.h>
 #include <linux/interrupt.h>
@@ -27,6 +28,7 @@
 #include <linux/ktime.h>
 #include <linux/mm.h>
 #include <linux/percpu.h>
+#include <linux/seq_file.h>
 #include <linux/slab.h>
 
 #include "mshvr_hv_types.h"
@@ -164,6 +166,31 @@ static int hvsim_op(u32 op, u64 *arg0, u64 *arg1, u64 *arg2)
 	return ret;
 }
 
+/*
+ * debugfs mshv_hvsim/query: the simulator's own report of what it holds
+ * (partitions, deposited pages, mappings, hypercall counts), as JSON, so
+ * tests inside the root can check that teardown left nothing behind.
+ */
+#define HVSIM_QUERY_ORDER	2
+static struct dentry *hvsim_debugfs;
+
+static int hvsim_query_show(struct seq_file *m, void *v)
+{
+	struct page *pg = alloc_pages(GFP_KERNEL | GFP_DMA32 | __GFP_ZERO, HVSIM_QUERY_ORDER);
+	u64 gpa, size = PAGE_SIZE << HVSIM_QUERY_ORDER, len = 0;
+	int ret;
+
+	if (!pg)
+		return -ENOMEM;
+	gpa = page_to_phys(pg);
+	ret = hvsim_op(MSHVR_HVSIM_OP_QUERY, &gpa, &size, &len);
+	if (!ret)
+		seq_write(m, page_address(pg), min(len, size));
+	__free_pages(pg, HVSIM_QUERY_ORDER);
+	return ret;
+}
+DEFINE_SHOW_ATTRIBUTE(hvsim_query);
+
 static void hvsim_free_pages(void)
 {
 	unsigned int cpu;
@@ -219,6 +246,8 @@ int mshvr_seam_init(void)
 		ret = -ENODEV;
 		goto err;
 	}
+	hvsim_debugfs = debugfs_create_dir("mshv_hvsim", NULL);
+	debugfs_create_file("query", 0400, hvsim_debugfs, NULL, &hvsim_query_fops);
 	return 0;
 err:
 	mshvr_seam_exit();
@@ -227,6 +256,8 @@ err:
 
 void mshvr_seam_exit(void)
 {
+	debugfs_remove_recursive(hvsim_debugfs);
+	hvsim_debugfs = NULL;
 	hvsim_free_pages();
 	if (hvsim_region)
 		release_region(MSHVR_HVSIM_IRQ_PORT, 8);

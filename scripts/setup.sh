@@ -9,7 +9,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
 
 pkgs=(gcc g++ make binutils kmod sparse python3 python3-venv python3-yaml python3-jsonschema
-      qemu-system-x86 busybox-static cpio xz-utils)
+      qemu-system-x86 busybox-static cpio xz-utils zstd)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -23,6 +23,7 @@ Doorbells are handled one at a time on a single thread, in arrival order.
 from __future__ import annotations
 
 import mmap
+import queue
 import os
 import socket
 import struct
@@ -81,6 +82,8 @@ class Transport:
         self._thread: threading.Thread | None = None
         self._closing = False
         self.error: BaseException | None = None
+        self._workers_lock = threading.Lock()
+        self._queues: dict = {}      # cpu -> queue of doorbell words
         self.doorbells = 0           # served requests
         self.handle_ns = 0           # time spent in handle() + completion
 
@@ -126,6 +129,9 @@ class Transport:
 
     def close(self) -> None:
         self._closing = True
+        with self._workers_lock:
+            for q in self._queues.values():
+                q.put(None)
         for s in (self._db, self._irq, self._db_listen, self._irq_listen):
             if s is not None:
                 try:
@@ -192,6 +198,31 @@ class Transport:
             raise
 
     def _dispatch(self, word: int) -> None:
+        """Hand the request to its CPU's worker: a CPU has at most one request
+        outstanding (it spins until DONE), so per-CPU workers keep each CPU's
+        order while a long request (a VP dispatch) does not stall the others."""
+        cpu = word & CPU_MASK
+        with self._workers_lock:
+            q = self._queues.get(cpu)
+            if q is None:
+                q = self._queues[cpu] = queue.SimpleQueue()
+                threading.Thread(target=self._work, args=(q,), name=f"hvsim-cpu{cpu}",
+                                 daemon=True).start()
+        q.put(word)
+
+    def _work(self, q) -> None:
+        while True:
+            word = q.get()
+            if word is None:
+                return
+            try:
+                self._serve_one(word)
+            except BaseException as e:          # surface handler bugs
+                if self.error is None:
+                    self.error = e
+                return
+
+    def _serve_one(self, word: int) -> None:
         t0 = time.perf_counter_ns()
         cpu, gpa = word & CPU_MASK, word & ~CPU_MASK
         state, hcpu, _seq = HDR.unpack_from(self.mem, gpa)
@@ -203,8 +234,9 @@ class Transport:
         # The state word is written last (x86 TSO keeps the order of the
         # stores above); values < 256, so even a byte-wise copy cannot tear.
         self.write_u32(gpa, STATE_DONE)
-        self.doorbells += 1
-        self.handle_ns += time.perf_counter_ns() - t0
+        with self._workers_lock:
+            self.doorbells += 1
+            self.handle_ns += time.perf_counter_ns() - t0
 
     # --- interrupt -----------------------------------------------------------
     def raise_interrupt(self, value: int = 0) -> None:

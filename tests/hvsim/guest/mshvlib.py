@@ -1,0 +1,201 @@
+"""In-guest test library: runs inside the simulated root partition.
+
+A small library in the spirit of KVM's selftests: thin wrappers over the
+/dev/mshv ioctls built on the generated bindings (mshv_spec), a TAP runner
+with one behaviour per test function, and a teardown check after every test
+(the simulator holds no partitions, deposited pages or mappings, and the
+kernel's pinned-page count is back where it started).
+"""
+
+import ctypes
+import errno
+import fcntl
+import json
+import mmap
+import os
+import sys
+import traceback
+
+import mshv_spec as S
+
+PAGE = 4096
+
+
+def ioctl(fd, req, arg=None):
+    """ioctl with a ctypes struct (mutated in place) or none; returns the result."""
+    if arg is None:
+        return fcntl.ioctl(fd, req, 0)
+    buf = bytearray(bytes(arg))
+    ret = fcntl.ioctl(fd, req, buf, True)
+    ctypes.memmove(ctypes.addressof(arg), bytes(buf), len(buf))
+    return ret
+
+
+def expect_errno(err, fn, *args):
+    try:
+        fn(*args)
+    except OSError as e:
+        assert e.errno == err, f"expected {errno.errorcode[err]}, got {errno.errorcode.get(e.errno)}"
+        return
+    raise AssertionError(f"expected {errno.errorcode[err]}, call succeeded")
+
+
+def open_mshv():
+    return os.open("/dev/mshv", os.O_RDWR | os.O_CLOEXEC)
+
+
+class GuestMemory:
+    """Anonymous user memory to back guest RAM."""
+
+    def __init__(self, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS):
+        self.size = size
+        self.mm = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+
+    def write(self, off, data):
+        self.mm[off:off + len(data)] = data
+
+    def read(self, off, n):
+        return self.mm[off:off + n]
+
+
+class Vp:
+    def __init__(self, pt, index):
+        self.pt = pt
+        self.index = index
+        self.fd = ioctl(pt.fd, S.MSHV_CREATE_VP, S.mshv_create_vp(vp_index=index))
+        self.regmap = mmap.mmap(self.fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                offset=S.MSHV_VP_MMAP_OFFSET_REGISTERS * PAGE)
+        self.regs = S.hv_x64_register_page.from_buffer(self.regmap)
+
+    def run(self):
+        buf = S.mshv_run_vp()
+        ioctl(self.fd, S.MSHV_RUN_VP, buf)
+        return S.hv_message.from_buffer_copy(bytes(buf))
+
+    def hvcall(self, code, inp, out_size=0, reps=0):
+        return self.pt.hvcall(code, inp, out_size, reps, fd=self.fd)
+
+    def set_regs(self, pairs):
+        """SET_VP_REGISTERS passthrough: pairs of (name, low[, high])."""
+        hdr = S.hv_input_set_vp_registers(vp_index=self.index)
+        body = bytes(hdr)
+        for p in pairs:
+            a = S.hv_register_assoc(name=p[0])
+            a.value.low = p[1]
+            a.value.high = p[2] if len(p) > 2 else 0
+            body += bytes(a)
+        status, reps, _ = self.hvcall(S.HVCALL_SET_VP_REGISTERS, body, reps=len(pairs))
+        return status, reps
+
+    def get_regs(self, names):
+        hdr = S.hv_input_get_vp_registers(vp_index=self.index)
+        body = bytes(hdr) + b"".join(n.to_bytes(4, "little") for n in names)
+        status, reps, out = self.hvcall(S.HVCALL_GET_VP_REGISTERS, body, out_size=16 * len(names),
+                                        reps=len(names))
+        vals = [S.hv_register_value.from_buffer_copy(out[16 * i:16 * i + 16]) for i in range(reps)]
+        return status, vals
+
+    def close(self):
+        del self.regs
+        self.regmap.close()
+        os.close(self.fd)
+
+
+class Partition:
+    def __init__(self, mshv_fd, flags=0, initialize=True):
+        self.fd = ioctl(mshv_fd, S.MSHV_CREATE_PARTITION,
+                        S.mshv_create_partition(pt_flags=flags, pt_isolation=0))
+        if initialize:
+            ioctl(self.fd, S.MSHV_INITIALIZE_PARTITION)
+        self.vps = []
+
+    def map(self, mem, gpa, size=None, flags=None, uaddr=None):
+        if flags is None:
+            flags = (1 << S.MSHV_SET_MEM_BIT_WRITABLE) | (1 << S.MSHV_SET_MEM_BIT_EXECUTABLE)
+        r = S.mshv_user_mem_region(size=size or mem.size, guest_pfn=gpa // PAGE,
+                                   userspace_addr=uaddr or mem.addr, flags=flags)
+        return ioctl(self.fd, S.MSHV_SET_GUEST_MEMORY, r)
+
+    def unmap(self, mem, gpa, size=None, uaddr=None):
+        r = S.mshv_user_mem_region(size=size or mem.size, guest_pfn=gpa // PAGE,
+                                   userspace_addr=uaddr or mem.addr,
+                                   flags=1 << S.MSHV_SET_MEM_BIT_UNMAP)
+        return ioctl(self.fd, S.MSHV_SET_GUEST_MEMORY, r)
+
+    def vp(self, index=0):
+        v = Vp(self, index)
+        self.vps.append(v)
+        return v
+
+    def hvcall(self, code, inp, out_size=0, reps=0, fd=None):
+        """MSHV_ROOT_HVCALL; returns (status, reps completed, output bytes)."""
+        inbuf = ctypes.create_string_buffer(bytes(inp), max(len(inp), 8))
+        outbuf = ctypes.create_string_buffer(out_size) if out_size else None
+        a = S.mshv_root_hvcall(code=code, reps=reps, in_sz=len(inp), out_sz=out_size,
+                               in_ptr=ctypes.addressof(inbuf),
+                               out_ptr=ctypes.addressof(outbuf) if outbuf else 0)
+        try:
+            ioctl(self.fd if fd is None else fd, S.MSHV_ROOT_HVCALL, a)
+        except OSError as e:
+            e.hv_status = a.status
+            raise
+        return a.status, a.reps, (outbuf.raw if outbuf else b"")
+
+    def close(self):
+        for v in self.vps:
+            v.close()
+        self.vps = []
+        os.close(self.fd)
+
+
+# -- introspection --------------------------------------------------------
+
+def sim_query():
+    """The simulator's report (JSON from debugfs mshv_hvsim/query)."""
+    with open("/sys/kernel/debug/mshv_hvsim/query") as f:
+        return json.loads(f.read())
+
+
+def pinned_pages():
+    """Pages pinned with FOLL_PIN and not yet released (from /proc/vmstat)."""
+    v = {}
+    with open("/proc/vmstat") as f:
+        for line in f:
+            k, n = line.split()
+            v[k] = int(n)
+    return v.get("nr_foll_pin_acquired", 0) - v.get("nr_foll_pin_released", 0)
+
+
+def assert_clean(baseline_pins):
+    q = sim_query()
+    assert q["partitions"] == [], f"simulator still holds partitions {q['partitions']}"
+    assert q["deposited_pages"] == 0, f"{q['deposited_pages']} pages still deposited"
+    assert q["mappings"] == 0, f"{q['mappings']} GPA mappings left"
+    pins = pinned_pages()
+    assert pins == baseline_pins, f"pinned pages {pins}, started with {baseline_pins}"
+
+
+# -- TAP runner -----------------------------------------------------------
+
+def run_tests(namespace, only=None):
+    tests = sorted((n, f) for n, f in namespace.items() if n.startswith("test_") and callable(f))
+    if only:
+        tests = [(n, f) for n, f in tests if n in only]
+    print("TAP version 13")
+    print(f"1..{len(tests)}")
+    failed = 0
+    for i, (name, fn) in enumerate(tests, 1):
+        base = pinned_pages()
+        try:
+            fn()
+            assert_clean(base)
+            print(f"ok {i} - {name}")
+        except Exception:   # noqa: BLE001 - report every failure as TAP
+            failed += 1
+            print(f"not ok {i} - {name}")
+            for line in traceback.format_exc().splitlines():
+                print(f"# {line}")
+        sys.stdout.flush()
+    print(f"# {len(tests) - failed} passed, {failed} failed")
+    return 1 if failed else 0

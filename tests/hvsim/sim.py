@@ -1,0 +1,143 @@
+"""hvsim glue: one simulated root partition = QEMU (rootvm) + the transport +
+the hypervisor model, wired together.
+
+    with Simulator(script, files, kernel="6.12.117+deb12", scheduler="root") as sim:
+        result = sim.run()          # boots, runs the script, waits
+        sim.hv.stats()              # the model, for host-side checks
+
+The request pages the module sends (struct hvsim_request) are decoded with
+the generated bindings; see docs/hvsim-transport.md.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "gen" / "python"))
+
+import mshv_spec as S  # noqa: E402
+from rootvm import RootVM, version_for_headers  # noqa: E402
+from transport import Transport  # noqa: E402
+
+from model import Hypervisor  # noqa: E402
+from model.memory import MmapRam  # noqa: E402
+
+
+def module_path(kernel_version):
+    """The hvsim build of mshv_root.ko for a Debian kernel version."""
+    kver = kernel_version + "-amd64"
+    ko = ROOT / "build" / f"{kver}-hvsim" / "mshv_root.ko"
+    if not ko.is_file():
+        raise FileNotFoundError(f"{ko}: run 'make debian-modules HVSIM=1' first")
+    return ko
+
+
+def kernel_versions():
+    """Debian kernel versions the project builds for, oldest first:
+    the newest installed 6.1.0-N and 6.12.N+deb12 (see scripts/kernels.sh)."""
+    import subprocess
+    out = subprocess.run([str(ROOT / "scripts" / "kernels.sh")], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return [version_for_headers(k) for k in out]
+
+
+class Simulator:
+    def __init__(self, script, files=None, kernel=None, scheduler="root", timeout=240,
+                 echo=False, mem_mb=1024, reserved_mb=64, smp=2):
+        self.kernel = kernel or kernel_versions()[-1]
+        self.scheduler = scheduler
+        self.workdir = Path(tempfile.mkdtemp(prefix="hvsim-"))
+        self.transport = Transport(self.workdir, self._handle)
+        files = dict(files or {})
+        files.setdefault("/hvsim/mshv_root.ko", module_path(self.kernel))
+        files.setdefault("/hvsim/mshv_spec.py", ROOT / "gen" / "python" / "mshv_spec.py")
+        self.vm = RootVM(script, files=files, kernel_version=self.kernel, mem_mb=mem_mb,
+                         reserved_mb=reserved_mb, smp=smp, timeout=timeout,
+                         extra_qemu_args=self.transport.qemu_args(), workdir=self.workdir,
+                         echo=echo)
+        self.hv = None
+        self.smp = smp
+        self.requests = 0
+        self.error = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.vm.kill()
+        self.transport.close()
+
+    def run(self):
+        self.vm.start()
+        self.transport.start(self.vm.ram_path, self.vm.mem_size)
+        mem = MmapRam(self.transport.mem, self.vm.mem_size)
+        self.hv = Hypervisor(mem, self.vm.reserved_base, self.vm.reserved_size,
+                             scheduler=self.scheduler, notify=self._notify, ncpus=self.smp)
+        result = self.vm.wait()
+        if self.transport.error is not None:
+            self.error = self.transport.error
+        return result
+
+    def log_text(self):
+        """What to print when a test fails: the model's hypercall log."""
+        try:
+            return "\n".join(self.hv.log[-200:]) if self.hv else ""
+        except Exception:   # noqa: BLE001
+            return ""
+
+    # -- transport callbacks ----------------------------------------------
+    def _notify(self, cpu):
+        self.transport.raise_interrupt(cpu)
+
+    def _handle(self, cpu, gpa):
+        mem = self.transport
+        req = S.hvsim_request.from_bytes(mem.read(gpa, S.hvsim_request.SIZE))
+        self.requests += 1
+        if req.rsvd0:
+            raise ValueError(f"hvsim request with rsvd0={req.rsvd0:#x}")
+        op = req.op
+        if op == S.HVSIM_OP_HELLO:
+            req.arg0, req.arg1, req.arg2 = S.HVSIM_MAGIC, S.HVSIM_VERSION, self.vm.reserved_base
+        elif self.hv is None:
+            raise RuntimeError("request before the model exists")
+        elif op == S.HVSIM_OP_HYPERCALL:
+            req.result = self.hv.hypercall(cpu, req.control, req.input_gpa, req.output_gpa)
+        elif op == S.HVSIM_OP_HYPERCALL_FAST:
+            req.result = self.hv.hypercall_fast(cpu, req.control, req.in0, req.in1)
+        elif op == S.HVSIM_OP_SYNIC_PAGES:
+            req.arg0, req.arg1 = self.hv.synic_pages(req.arg0)
+        elif op == S.HVSIM_OP_EOM:
+            self.hv.eom(req.arg0)
+        elif op == S.HVSIM_OP_QUERY:
+            text = json.dumps(self.report()).encode()
+            if len(text) > req.arg1:
+                text = text[:req.arg1]
+            mem.write(req.arg0, text)
+            req.arg2 = len(text)
+        else:
+            raise ValueError(f"unknown hvsim op {op}")
+        # write back everything but the state word (the transport sets it last)
+        mem.write(gpa + 8, bytes(req)[8:])
+
+    def report(self):
+        """The introspection report tests read (debugfs mshv_hvsim/query)."""
+        st = self.hv.stats()
+        return {
+            "partitions": st["partitions"],
+            "deposited_pages": st["deposited_pages"],
+            "mappings": st["mappings"],
+            "large_mappings": st.get("large_mappings", 0),
+            "vps": st["vps"],
+            "calls": st["calls"],
+        }
