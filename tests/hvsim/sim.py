@@ -131,13 +131,19 @@ class Simulator:
         mem.write(gpa + 8, bytes(req)[8:])
 
     def report(self):
-        """The introspection report tests read (debugfs mshv_hvsim/query)."""
+        """The introspection report tests read (debugfs mshv_hvsim/query):
+        child partitions only; the root's own pool legitimately keeps the
+        pages it was given for creating partitions."""
         st = self.hv.stats()
+        root = self.hv.ROOT_ID
+        kids = [p for p in st["live"]]
         return {
-            "partitions": st["partitions"],
-            "deposited_pages": st["deposited_pages"],
-            "mappings": st["mappings"],
-            "large_mappings": st.get("large_mappings", 0),
-            "vps": st["vps"],
+            "partitions": kids,
+            "deposited_pages": sum(v for p, v in st["deposited_pages"].items() if p != root),
+            "root_pool_pages": st["deposited_pages"].get(root, 0),
+            "mappings": sum(v for p, v in st["mappings"].items() if p != root),
+            "large_mappings": st["large_mappings"],
+            "vps": sum(len(v) for p, v in st["vps"].items() if p != root),
             "calls": st["calls"],
+            "statuses": st["statuses"],
         }

@@ -59,6 +59,7 @@ def test_smoke_real_mode_guest():
     msg = vp.run()
     assert msg.header.message_type == S.HVMSG_X64_HALT, hex(msg.header.message_type)
     print("# HALT intercept", flush=True)
+    del r       # the register page mapping can only close without users
     pt.close()
     os.close(mshv)
 

@@ -1,0 +1,5 @@
+"""hvsim hypervisor model (pure Python + Unicorn). See docs/hvsim-model.md."""
+
+from .spec import S, make_control, result_status, result_reps, result_value  # noqa: F401
+from .memory import MmapRam, AnonRam, FileRam  # noqa: F401
+from .hv import Hypervisor, ROOT_ID, COSTS, CpuState  # noqa: F401

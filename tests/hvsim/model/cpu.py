@@ -89,7 +89,7 @@ class _CtxLayout:
         uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, 0xD01))
         ctx = uc.context_save()
         ptr = ctypes.cast(ctx.context, ctypes.c_void_p).value
-        raw = ctypes.string_at(ptr, 256 + ctx.size)
+        raw = ctypes.string_at(ptr, ctx.size)   # uc_context header + CPU state
         self.data = raw.find(struct.pack("<QQ", 0x1122334455667788, 0x99AABBCCDDEEFF01))
         if self.data < 0:
             raise RuntimeError("unicorn context layout: registers not found")
@@ -101,13 +101,16 @@ class _CtxLayout:
         if fs[0] != 0x1234 or fs[2] != 0x12340 or gs[0] != 0x2345 or gs[2] != 0x23450:
             raise RuntimeError("unicorn context layout: segment caches not where expected")
         self.efer = None
-        for off in range(self.segs, min(len(d), 2048), 8):
+        for off in range(self.segs, min(len(d) - 8, 2048), 8):
             if struct.unpack_from("<Q", d, off)[0] == 0xD01:
                 self.efer = off
                 break
         if self.efer is None:
             raise RuntimeError("unicorn context layout: EFER not found")
-        self.size = ctx.size
+        # bytes patched by Engine.load: everything up to and including EFER
+        self.size = self.efer + 8
+        if self.data + self.size > ctx.size:
+            raise RuntimeError("unicorn context layout: context too small")
 
 
 class Exit:
@@ -288,14 +291,21 @@ class Engine:
         ctx, p = self._ctx()
         lay = self.lay
         raw = bytearray(self._ctypes.string_at(p, lay.size))
-        efer = struct.unpack_from("<Q", raw, lay.efer)[0]
+        # EFER.LMA is not writable through WRMSR and Unicorn starts in long mode:
+        # set LMA (and HF_LMA) from CR0.PG && EFER.LME like the CPU would.
+        lma = bool(st.cr0 & CR0_PG and st.efer & EFER_LME)
+        efer = (struct.unpack_from("<Q", raw, lay.efer)[0] & ~EFER_LMA) | (EFER_LMA if lma else 0)
         flags = []
         for i, (base, limit, sel, attr) in enumerate(st.segs):
             f = attr_to_flags(attr) if attr else 0
             flags.append(f)
             struct.pack_into("<IIQII", raw, lay.segs + i * lay.seg_size, sel, 0, base, limit, f)
         hf = struct.unpack_from("<I", raw, lay.hflags)[0]
-        hf &= ~(HF_CPL_MASK | HF_CS32 | HF_SS32 | HF_CS64 | HF_ADDSEG)
+        hf &= ~(HF_CPL_MASK | HF_CS32 | HF_SS32 | HF_CS64 | HF_ADDSEG | HF_LMA | HF_PE)
+        if lma:
+            hf |= HF_LMA
+        if st.cr0 & CR0_PE:
+            hf |= HF_PE
         cs_f, ss_f = flags[1], flags[2]
         if (hf & HF_LMA) and (cs_f & DESC_L):
             hf |= HF_CS32 | HF_SS32 | HF_CS64

@@ -7,8 +7,8 @@ import os
 import struct
 
 
-class _MmapRam:
-    """Common part: an mmap whose offset 0 is GPA 0."""
+class MmapRam:
+    """Root RAM backed by an existing mmap whose offset 0 is GPA 0."""
 
     def __init__(self, mm, size):
         self._mm = mm
@@ -52,7 +52,7 @@ class _MmapRam:
         self.write(gpa, bytes([byte]) * n)
 
 
-class AnonRam(_MmapRam):
+class AnonRam(MmapRam):
     """Anonymous zero-filled RAM of `size` bytes (unit tests)."""
 
     def __init__(self, size):
@@ -60,7 +60,7 @@ class AnonRam(_MmapRam):
         super().__init__(mm, size)
 
 
-class FileRam(_MmapRam):
+class FileRam(MmapRam):
     """Guest RAM shared through a file (the QEMU run): file offset == GPA for
     GPAs below 3 GiB. `size` defaults to the file size."""
 

@@ -19,8 +19,8 @@ PAGE = S.PAGE_SIZE
 
 def enum(name):
     """{CONST: value} of a spec enum (the bindings export one dict per enum,
-    named like the enum in upper case)."""
-    return getattr(S, name.upper())
+    in ENUMS)."""
+    return S.ENUMS[name]
 
 
 REGISTER_NAMES = {v: k for k, v in enum("hv_register_name").items()}

@@ -1,0 +1,1719 @@
+"""hvsim: a Python model of the Hyper-V hypervisor as seen by a root partition.
+
+Public entry points (see docs/hvsim-model.md):
+
+    hv = Hypervisor(mem, hv_base_gpa, hv_size, scheduler="root"|"core", notify=None, ncpus=2)
+    hv.hypercall(cpu, control, in_gpa, out_gpa) -> result
+    hv.hypercall_fast(cpu, control, in0, in1) -> result
+    hv.synic_pages(cpu) -> (simp_gpa, siefp_gpa)
+    hv.eom(cpu)
+    hv.stats() / hv.report() / hv.log
+    hv.fail_next(code, status, nth=1) / hv.delay(code, s) / hv.insufficient_memory_once(code)
+    hv.set_rep_limit(k, code=None) / hv.reset_faults()
+    hv.shutdown()
+
+Every input is decoded with the generated bindings (gen/python/mshv_spec.py).
+"""
+
+import collections
+import struct
+import threading
+import time
+
+from . import spec
+from .spec import S
+
+U64 = (1 << 64) - 1
+ROOT_ID = 1
+# HV_PARTITION_ID_SELF (~0) is not in the spec; the model accepts it as "the caller".
+PARTITION_ID_SELF = U64
+MAX_VPS = 256
+
+# Page costs charged to the pools (documented in docs/hvsim-model.md). All are
+# below the driver's up-front deposits (InitializePartition 208, CreateVp 90).
+COSTS = {
+    "create_partition": 2,        # from the ROOT pool
+    "initialize_partition": 160,  # from the child's pool
+    "create_vp": 64,              # from the child's pool
+    # MapGpaPages: one page per 2 MiB GPA region holding 4 KiB mappings plus one
+    # page per 1 GiB region holding any mapping (page-table pages).
+}
+
+ST_CREATED, ST_INITIALIZED, ST_FINALIZED = "created", "initialized", "finalized"
+
+SEG_NAMES = ["ES", "CS", "SS", "DS", "FS", "GS"]
+GPR_NAMES = ["RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
+             "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15"]
+DR_NAMES = ["DR0", "DR1", "DR2", "DR3", "DR6", "DR7"]
+
+# Default CPUID results (leaf -> eax, ebx, ecx, edx); see docs. x86 values, not ABI.
+_VENDOR = struct.unpack("<3I", b"GenuineIntel")
+_HV_VENDOR = struct.unpack("<3I", b"Microsoft Hv")
+
+
+def _r(name):
+    return spec.enum("hv_register_name")[name]
+
+
+class HvError(Exception):
+    def __init__(self, status, reps=None):
+        super().__init__(spec.status_name(status))
+        self.status = status
+        self.reps = reps
+
+
+class CpuState:
+    """Architectural state of a VP (what the register file exposes)."""
+
+    def __init__(self, vp_index=0):
+        self.gpr = [0] * 16
+        self.rip = 0xFFF0
+        self.rflags = 0x2
+        self.segs = [(0, 0xFFFF, 0, 0x93) for _ in range(6)]
+        self.segs[1] = (0xFFFF0000, 0xFFFF, 0xF000, 0x9B)
+        self.ldtr = (0, 0xFFFF, 0, 0x82)
+        self.tr = (0, 0xFFFF, 0, 0x8B)
+        self.gdtr = (0, 0xFFFF)
+        self.idtr = (0, 0xFFFF)
+        self.cr0, self.cr2, self.cr3, self.cr4, self.cr8 = 0x60000010, 0, 0, 0, 0
+        self.efer = 0
+        self.dr = [0, 0, 0, 0, 0xFFFF0FF0, 0x400]
+        self.xmm = [0] * 16
+        self.msrs = {"PAT": 0x0007040600070406}
+
+    def copy(self):
+        c = CpuState.__new__(CpuState)
+        c.__dict__ = {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+                      for k, v in self.__dict__.items()}
+        return c
+
+
+def seg_pack(seg):
+    base, limit, sel, attr = seg
+    v = S.hv_x64_segment_register(base=base, limit=limit, selector=sel, attributes=attr)
+    return int.from_bytes(v.to_bytes(), "little")
+
+
+def seg_unpack(value):
+    v = S.hv_x64_segment_register.from_bytes(value.to_bytes(16, "little"))
+    return (v.base, v.limit, v.selector, v.attributes)
+
+
+def table_pack(t):
+    v = S.hv_x64_table_register(limit=t[1], base=t[0])
+    return int.from_bytes(v.to_bytes(), "little")
+
+
+def table_unpack(value):
+    v = S.hv_x64_table_register.from_bytes(value.to_bytes(16, "little"))
+    return (v.base, v.limit)
+
+
+class Vp:
+    def __init__(self, part, index):
+        self.part = part
+        self.index = index
+        self.cpu = CpuState(index)
+        self.other = {}          # registers without architectural meaning here
+        self.other[_r("HV_REGISTER_EXPLICIT_SUSPEND")] = 1
+        self.other[_r("HV_REGISTER_VP_INDEX")] = index
+        self.other[_r("HV_X64_REGISTER_INITIAL_APIC_ID")] = index
+        self.other[_r("HV_X64_REGISTER_APIC_BASE")] = 0xFEE00900 if index == 0 else 0xFEE00800
+        self.other[_r("HV_X64_REGISTER_XFEM")] = 1
+        self.state_pages = {}    # hv_vp_state_page_type -> (pfn, overlay?)
+        self.pool_pages = []     # pages this VP took from the partition pool
+        self.engine = None
+        self.running = False
+        self.stop_req = False
+        self.thread = None
+        self.last_msg = None
+        self.notify_cpu = None
+        self.signal_count = 0
+        self.pending_irq = collections.deque()
+        self.vp_state = {}       # Get/SetVpState blobs
+        self.cpuid_results = {}
+        self.deleted = False
+
+    def reg(self, name):
+        return self.other.get(name, 0)
+
+
+class Partition:
+    def __init__(self, pid, flags=0):
+        self.id = pid
+        self.flags = flags
+        self.state = ST_CREATED
+        self.props = {}
+        self.free = []           # deposited, unused pool pages
+        self.held = {}           # owner key -> [pfns taken from the pool]
+        self.vps = {}
+        self.gpa = {}            # gfn -> [pfn, flags, large_base or None]
+        self.large = set()       # base gfns of 2 MiB mappings
+        self.l1 = collections.Counter()   # 2 MiB region -> # of 4 KiB mappings
+        self.l2 = collections.Counter()   # 1 GiB region -> # of mappings (4K pages or 2M runs)
+        self.map_gen = 0
+        self.intercepts = {}     # (type, parameter) -> access mask
+        self.ports = {}
+        self.connections = {}
+        self.root_cost = []      # root pool pages charged for this partition
+        self.stats = collections.Counter()
+
+    def held_count(self):
+        return sum(len(v) for v in self.held.values())
+
+
+class RootSynic:
+    def __init__(self, simp_pfn, siefp_pfn):
+        self.simp_pfn = simp_pfn
+        self.siefp_pfn = siefp_pfn
+        self.queues = collections.defaultdict(collections.deque)
+
+
+class Hypervisor:
+    ROOT_ID = ROOT_ID
+
+    def __init__(self, mem, hv_base_gpa, hv_size, scheduler="root", notify=None, ncpus=2,
+                 costs=None, log_size=20000):
+        if scheduler not in ("root", "core"):
+            raise ValueError("scheduler must be 'root' or 'core'")
+        if hv_base_gpa % 4096 or hv_size % 4096 or hv_size <= 0:
+            raise ValueError("reserved range must be page aligned")
+        self.S = S
+        self.mem = mem
+        self.hv_base = hv_base_gpa
+        self.hv_size = hv_size
+        self.scheduler = scheduler
+        self.notify = notify
+        self.ncpus = ncpus
+        self.costs = dict(COSTS, **(costs or {}))
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._overlay_free = list(range((hv_base_gpa + hv_size) // 4096 - 1, hv_base_gpa // 4096 - 1, -1))
+        self._overlay_used = {}
+        self.root = Partition(ROOT_ID)
+        self.root.state = ST_INITIALIZED
+        self.partitions = {ROOT_ID: self.root}
+        self._next_pid = 0x10
+        self.deposited = {}           # pfn -> partition id (pool pages anywhere)
+        self.mapped = collections.Counter()   # root pfn -> number of child GPA mappings
+        self.synic = {}
+        self.stats_pages = {}
+        self.log = []                 # list of strings (sliceable)
+        self._log_size = log_size
+        self.calls = collections.Counter()
+        self.statuses = collections.Counter()
+        self._notify_q = []
+        # knobs
+        self.rep_limit = {}           # code (or None for all rep calls) -> K
+        self._faults = []             # [code, countdown, status]
+        self._delays = {}
+        self.allow_remap = False
+        self.require_super_pages_flag = True
+        self.max_insns = 200000
+        self.time_slice = 0.25        # seconds of emulation per DispatchVp / core slice
+        self.preempt_event = S.HV_VP_DISPATCH_EVENT_SUSPEND
+        self.msr_values = {}          # synthetic MSR store per (pid, vp) handled in _decide
+        self.props_root = self._root_props()
+        self.child_prop_defaults = self._child_props()
+        self._closed = False
+
+    # ================================================================ helpers
+    def _root_props(self):
+        P = spec.enum("hv_partition_property_code")
+        return {
+            P["HV_PARTITION_PROPERTY_PROCESSOR_FEATURES0"]: 0x00000000_01FFFFFF,
+            P["HV_PARTITION_PROPERTY_PROCESSOR_FEATURES1"]: 0,
+            P["HV_PARTITION_PROPERTY_PROCESSOR_XSAVE_FEATURES"]: 0x7,
+            P["HV_PARTITION_PROPERTY_PHYSICAL_ADDRESS_WIDTH"]: 46,
+            P["HV_PARTITION_PROPERTY_IMPLEMENTED_PHYSICAL_ADDRESS_BITS"]: 46,
+            P["HV_PARTITION_PROPERTY_XSAVE_STATES"]: 0x7,
+            P["HV_PARTITION_PROPERTY_MAX_XSAVE_DATA_SIZE"]: 0x340,
+            P["HV_PARTITION_PROPERTY_PROCESSOR_CL_FLUSH_SIZE"]: 8,
+            P["HV_PARTITION_PROPERTY_PROCESSOR_CLOCK_FREQUENCY"]: 2_000_000_000,
+            P["HV_PARTITION_PROPERTY_PROCESSOR_VENDOR"]: 1,
+            P["HV_PARTITION_PROPERTY_PRIVILEGE_FLAGS"]: 0x0000_3FFF_0000_3FFF,
+            P["HV_PARTITION_PROPERTY_COMPATIBILITY_VERSION"]: S.HV_COMPATIBILITY_21_H2,
+        }
+
+    def _child_props(self):
+        P = spec.enum("hv_partition_property_code")
+        d = dict(self._root_props())
+        d.update({
+            P["HV_PARTITION_PROPERTY_SYNTHETIC_PROC_FEATURES"]: 0,
+            P["HV_PARTITION_PROPERTY_TIME_FREEZE"]: 0,
+            P["HV_PARTITION_PROPERTY_REFERENCE_TIME"]: 0,
+            P["HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION"]: 0,
+            P["HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING"]: 0,
+            P["HV_PARTITION_PROPERTY_SUSPEND"]: 0,
+        })
+        return d
+
+    # Ex properties: value[0] = bank count, value[1] = bank 0 (see docs).
+    ex_props = {
+        S.HV_PARTITION_PROPERTY_VMM_CAPABILITIES: [1, 0],
+        S.HV_PARTITION_PROPERTY_ASSIGNABLE_SYNTHETIC_PROC_FEATURES: [1, 0xFFFFFFFF],
+    }
+    EARLY_PROPS = {S.HV_PARTITION_PROPERTY_PRIVILEGE_FLAGS, S.HV_PARTITION_PROPERTY_SYNTHETIC_PROC_FEATURES,
+                   S.HV_PARTITION_PROPERTY_HYPERCALL_DOORBELL_PAGE,
+                   S.HV_PARTITION_PROPERTY_PARTITION_DIAG_BUFFER_CONFIG,
+                   S.HV_PARTITION_PROPERTY_GICD_BASE_ADDRESS,
+                   S.HV_PARTITION_PROPERTY_GITS_TRANSLATER_BASE_ADDRESS,
+                   S.HV_PARTITION_PROPERTY_PHYSICAL_ADDRESS_WIDTH,
+                   S.HV_PARTITION_PROPERTY_VMM_CAPABILITIES}
+    READONLY_PROPS = {S.HV_PARTITION_PROPERTY_PROCESSOR_FEATURES0, S.HV_PARTITION_PROPERTY_PROCESSOR_FEATURES1,
+                      S.HV_PARTITION_PROPERTY_XSAVE_STATES, S.HV_PARTITION_PROPERTY_MAX_XSAVE_DATA_SIZE,
+                      S.HV_PARTITION_PROPERTY_PROCESSOR_VENDOR, S.HV_PARTITION_PROPERTY_PROCESSOR_CL_FLUSH_SIZE,
+                      S.HV_PARTITION_PROPERTY_PROCESSOR_CLOCK_FREQUENCY,
+                      S.HV_PARTITION_PROPERTY_IMPLEMENTED_PHYSICAL_ADDRESS_BITS,
+                      S.HV_PARTITION_PROPERTY_COMPATIBILITY_VERSION}
+
+    def in_reserved(self, pfn):
+        return self.hv_base <= (pfn << 12) < self.hv_base + self.hv_size
+
+    def is_ram(self, pfn):
+        return self.mem.contains(pfn << 12, 4096)
+
+    def _alloc_overlay(self, what):
+        if not self._overlay_free:
+            raise HvError(S.HV_STATUS_INSUFFICIENT_MEMORY)
+        pfn = self._overlay_free.pop()
+        self.mem.fill(pfn << 12, 4096)
+        self._overlay_used[pfn] = what
+        return pfn
+
+    def _free_overlay(self, pfn):
+        if self._overlay_used.pop(pfn, None) is not None:
+            self._overlay_free.append(pfn)
+
+    def uc_prot(self, flags):
+        from unicorn import UC_PROT_READ, UC_PROT_WRITE, UC_PROT_EXEC
+        if flags & S.HV_MAP_GPA_NO_ACCESS:
+            return None
+        p = 0
+        if flags & S.HV_MAP_GPA_READABLE:
+            p |= UC_PROT_READ
+        if flags & S.HV_MAP_GPA_WRITABLE:
+            p |= UC_PROT_WRITE
+        if flags & S.HV_MAP_GPA_EXECUTABLE:
+            p |= UC_PROT_EXEC
+        return p if p else None
+
+    def _log(self, line):
+        self.log.append(line)
+        if len(self.log) > self._log_size:
+            del self.log[:len(self.log) - self._log_size]
+
+    def _post_notify(self, cpu):
+        self._notify_q.append(cpu)
+
+    def _flush_notify(self):
+        with self._lock:
+            q, self._notify_q = self._notify_q, []
+        if self.notify:
+            for cpu in q:
+                self.notify(cpu)
+
+    # ================================================================ knobs
+    def fail_next(self, code, status, nth=1):
+        """Make the nth following call of `code` fail with `status`."""
+        with self._lock:
+            self._faults.append([code, nth, status])
+
+    def insufficient_memory_once(self, code):
+        self.fail_next(code, S.HV_STATUS_INSUFFICIENT_MEMORY)
+
+    def delay(self, code, seconds):
+        with self._lock:
+            if seconds:
+                self._delays[code] = seconds
+            else:
+                self._delays.pop(code, None)
+
+    def set_rep_limit(self, k, code=None):
+        """Rep calls (of `code`, or all) complete at most k reps per call."""
+        with self._lock:
+            if k:
+                self.rep_limit[code] = k
+            else:
+                self.rep_limit.pop(code, None)
+
+    def reset_faults(self):
+        with self._lock:
+            self._faults.clear()
+            self._delays.clear()
+            self.rep_limit.clear()
+
+    # ================================================================ introspection
+    def stats(self):
+        with self._lock:
+            parts = {}
+            for pid, p in self.partitions.items():
+                parts[pid] = dict(
+                    state=p.state, deposited=len(p.free) + p.held_count(), free=len(p.free),
+                    used=p.held_count(), vps=sorted(p.vps),
+                    maps_4k=sum(1 for e in p.gpa.values() if e[2] is None),
+                    maps_2m=len(p.large), mapped_pages=len(p.gpa),
+                    map_calls_2m=p.stats["map_2m"], map_calls_4k=p.stats["map_4k"],
+                    intercepts=len(p.intercepts))
+            return dict(calls={S.HYPERCALLS[c]["name"] if c in S.HYPERCALLS else hex(c): n
+                               for c, n in self.calls.items()},
+                        calls_by_code=dict(self.calls),
+                        statuses={spec.status_name(s): n for s, n in self.statuses.items()},
+                        partitions=parts, live=sorted(p for p in self.partitions if p != ROOT_ID),
+                        overlay_used=len(self._overlay_used), scheduler=self.scheduler,
+                        deposited_pages={pid: v["deposited"] for pid, v in parts.items()},
+                        mappings={pid: v["mapped_pages"] for pid, v in parts.items()},
+                        large_mappings=sum(v["maps_2m"] for v in parts.values()),
+                        vps={pid: v["vps"] for pid, v in parts.items()})
+
+    def report(self, last=40):
+        st = self.stats()
+        lines = ["hvsim model: scheduler=%s partitions=%s" % (st["scheduler"], st["live"])]
+        for pid, p in st["partitions"].items():
+            lines.append("  partition 0x%x: %s" % (pid, p))
+        lines.append("  calls: %s" % st["calls"])
+        lines.append("  statuses: %s" % st["statuses"])
+        lines.append("  last %d hypercalls:" % last)
+        lines.extend("    " + l for l in list(self.log)[-last:])
+        return "\n".join(lines)
+
+    # ================================================================ hypercall entry
+    def hypercall(self, cpu, control, in_gpa, out_gpa):
+        return self._call(cpu, control, False, in_gpa, out_gpa, None)
+
+    def hypercall_fast(self, cpu, control, in0, in1):
+        return self._call(cpu, control, True, None, None, struct.pack("<QQ", in0 & U64, in1 & U64))
+
+    def _call(self, cpu, control, fast_api, in_gpa, out_gpa, fast_bytes):
+        code = spec.control_field(control, "call_code")
+        t0 = time.monotonic()
+        cont = None
+        c = None
+        try:
+            with self._lock:
+                self.calls[code] += 1
+                c = _Call(self, cpu, control, code, fast_api, in_gpa, out_gpa, fast_bytes)
+                status = c.validate()
+                if status is None:
+                    status = self._inject(code)
+                    if status is None:
+                        handler = getattr(self, "_hc_" + c.info["name"], None)
+                        if handler is None:
+                            status = S.HV_STATUS_INVALID_HYPERCALL_CODE
+                        else:
+                            try:
+                                r = handler(c)
+                            except HvError as e:
+                                r = e.status
+                                if e.reps is not None:
+                                    c.done = e.reps
+                            if callable(r):
+                                cont = r
+                                status = None
+                            else:
+                                status = r
+            if cont is not None:
+                try:
+                    status = cont()
+                except HvError as e:
+                    status = e.status
+            d = self._delays.get(code)
+            if d:
+                time.sleep(d)
+            with self._lock:
+                if status == S.HV_STATUS_SUCCESS:
+                    c.commit()
+                elif c.info and c.info["form"] == "rep":
+                    c.commit_partial()
+                reps = c.done if (c.info and c.info["form"] == "rep") else 0
+                self.statuses[status] += 1
+                self._log("%.3f cpu%d %s%s -> %s%s" % (
+                    t0, cpu, c.describe(), "", spec.status_name(status),
+                    (" reps=%d" % reps) if c.info and c.info["form"] == "rep" else ""))
+                return spec.result_value(status, reps)
+        finally:
+            self._flush_notify()
+
+    def _inject(self, code):
+        for f in self._faults:
+            if f[0] == code:
+                f[1] -= 1
+                if f[1] <= 0:
+                    self._faults.remove(f)
+                    return f[2]
+                break
+        return None
+
+    # ================================================================ partition lookup
+    def _part(self, pid, allow_root=True):
+        if pid == PARTITION_ID_SELF:
+            pid = ROOT_ID
+        p = self.partitions.get(pid)
+        if p is None or (p is self.root and not allow_root):
+            raise HvError(S.HV_STATUS_INVALID_PARTITION_ID)
+        return p
+
+    def _child(self, pid, states=(ST_INITIALIZED,)):
+        p = self._part(pid, allow_root=False)
+        if p.state not in states:
+            raise HvError(S.HV_STATUS_INVALID_PARTITION_STATE)
+        return p
+
+    def _vp(self, p, index):
+        vp = p.vps.get(index)
+        if vp is None:
+            raise HvError(S.HV_STATUS_INVALID_VP_INDEX)
+        return vp
+
+    def _take(self, p, n, key):
+        if len(p.free) < n:
+            raise HvError(S.HV_STATUS_INSUFFICIENT_MEMORY)
+        pages = [p.free.pop() for _ in range(n)]
+        p.held.setdefault(key, []).extend(pages)
+        return pages
+
+    def _give_back(self, p, key):
+        pages = p.held.pop(key, [])
+        p.free.extend(pages)
+
+    # ================================================================ partitions
+    def _hc_create_partition(self, c):
+        i = c.inp
+        allowed = 0
+        for v in spec.enum("hv_partition_creation_flag").values():
+            allowed |= v
+        if i.flags & ~allowed:
+            return S.HV_STATUS_INVALID_PARAMETER
+        if i.bits("isolation_properties", "isolation_type") != 0:
+            return S.HV_STATUS_INVALID_PARAMETER
+        if len(self.root.free) < self.costs["create_partition"]:
+            return S.HV_STATUS_INSUFFICIENT_MEMORY
+        pid = self._next_pid
+        self._next_pid += 1
+        p = Partition(pid, i.flags)
+        p.props = dict(self.child_prop_defaults)
+        p.compat = i.compatibility_version
+        p.root_cost = [self.root.free.pop() for _ in range(self.costs["create_partition"])]
+        self.root.held.setdefault(("partition", pid), []).extend(p.root_cost)
+        self.partitions[pid] = p
+        c.out = S.hv_output_partition_id(partition_id=pid)
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_initialize_partition(self, c):
+        p = self._child(c.inp.partition_id, (ST_CREATED,))
+        self._take(p, self.costs["initialize_partition"], "partition")
+        p.state = ST_INITIALIZED
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_finalize_partition(self, c):
+        p = self._child(c.inp.partition_id, (ST_CREATED, ST_INITIALIZED))
+        for vp in list(p.vps.values()):
+            self._destroy_vp(p, vp)
+        self._unmap_all(p)
+        for key in list(p.held):
+            self._give_back(p, key)
+        for key in [k for k in self.stats_pages if k[1] == p.id]:
+            self._free_overlay(self.stats_pages.pop(key))
+        p.intercepts.clear()
+        p.state = ST_FINALIZED
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_delete_partition(self, c):
+        p = self._child(c.inp.partition_id, (ST_CREATED, ST_FINALIZED))
+        if p.free or p.held_count() or p.vps:
+            return S.HV_STATUS_INVALID_PARTITION_STATE
+        self._unmap_all(p)
+        pages = self.root.held.pop(("partition", p.id), [])
+        self.root.free.extend(pages)
+        del self.partitions[p.id]
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_get_partition_id(self, c):
+        c.out = S.hv_output_partition_id(partition_id=ROOT_ID)
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_get_system_property(self, c):
+        if c.inp.property_id != S.HV_SYSTEM_PROPERTY_SCHEDULER_TYPE:
+            return S.HV_STATUS_INVALID_PARAMETER
+        v = S.HV_SCHEDULER_TYPE_ROOT if self.scheduler == "root" else S.HV_SCHEDULER_TYPE_CORE_SMT
+        c.out = S.hv_output_get_system_property(value=v)
+        return S.HV_STATUS_SUCCESS
+
+    def _prop_store(self, p):
+        return self.props_root if p is self.root else p.props
+
+    def _hc_get_partition_property(self, c):
+        p = self._part(c.inp.partition_id)
+        if p.state == ST_FINALIZED:
+            return S.HV_STATUS_INVALID_PARTITION_STATE
+        code = c.inp.property_code
+        store = self._prop_store(p)
+        if code not in store:
+            return S.HV_STATUS_UNKNOWN_PROPERTY
+        c.out = S.hv_output_get_partition_property(property_value=store[code])
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_set_partition_property(self, c):
+        p = self._part(c.inp.partition_id)
+        if p is self.root:
+            return S.HV_STATUS_ACCESS_DENIED
+        if p.state == ST_FINALIZED:
+            return S.HV_STATUS_INVALID_PARTITION_STATE
+        code = c.inp.property_code
+        if code not in spec.PROPERTY_NAMES:
+            return S.HV_STATUS_UNKNOWN_PROPERTY
+        if code in self.READONLY_PROPS:
+            return S.HV_STATUS_ACCESS_DENIED
+        if code in self.EARLY_PROPS and p.state != ST_CREATED:
+            return S.HV_STATUS_INVALID_PARTITION_STATE
+        p.props[code] = c.inp.property_value
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_get_partition_property_ex(self, c):
+        p = self._part(c.inp.partition_id)
+        if p.state == ST_FINALIZED:
+            return S.HV_STATUS_INVALID_PARTITION_STATE
+        code = c.inp.property_code
+        out = S.hv_output_get_partition_property_ex()
+        if code in self.ex_props:
+            vals = self.ex_props[code]
+        elif code in self._prop_store(p):
+            vals = [self._prop_store(p)[code]]
+        else:
+            return S.HV_STATUS_UNKNOWN_PROPERTY
+        for k, v in enumerate(vals):
+            out.value[k] = v
+        c.out = out
+        return S.HV_STATUS_SUCCESS
+
+    # ================================================================ memory pool
+    def _hc_deposit_memory(self, c):
+        p = self._part(c.inp.partition_id)
+        if p.state == ST_FINALIZED:
+            return S.HV_STATUS_INVALID_PARTITION_STATE
+        for i in c.reps():
+            pfn = c.rep_in(i)
+            if not self.is_ram(pfn) or self.in_reserved(pfn) or pfn in self.deposited \
+                    or self.mapped[pfn]:
+                return S.HV_STATUS_INVALID_PARAMETER
+            self.deposited[pfn] = p.id
+            p.free.append(pfn)
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_withdraw_memory(self, c):
+        p = self._part(c.inp.partition_id)
+        for i in c.reps():
+            if not p.free:
+                return S.HV_STATUS_NO_RESOURCES
+            pfn = p.free.pop()
+            del self.deposited[pfn]
+            c.rep_out(i, pfn)
+        return S.HV_STATUS_SUCCESS
+
+    # ================================================================ GPA maps
+    def _pt_need(self, p, gfns_4k, large_base):
+        """Page-table pages a new mapping needs: (new l1 regions, new l2 regions)."""
+        l1 = set()
+        l2 = set()
+        if large_base is not None:
+            if p.l2[large_base >> 18] == 0:
+                l2.add(large_base >> 18)
+        for g in gfns_4k:
+            if p.l1[g >> 9] == 0:
+                l1.add(g >> 9)
+            if p.l2[g >> 18] == 0:
+                l2.add(g >> 18)
+        return l1, l2
+
+    def _hc_map_gpa_pages(self, c):
+        i = c.inp
+        p = self._child(i.target_partition_id)
+        allowed = 0
+        for v in spec.enum("hv_map_gpa_flag").values():
+            allowed |= v
+        flags = i.map_flags
+        if flags & ~allowed:
+            return S.HV_STATUS_INVALID_PARAMETER
+        large = bool(flags & S.HV_MAP_GPA_LARGE_PAGE)
+        if large and (i.target_gpa_base % 512 or
+                      (self.require_super_pages_flag and
+                       not p.flags & S.HV_PARTITION_CREATION_FLAG_GPA_SUPER_PAGES_ENABLED)):
+            return S.HV_STATUS_INVALID_PARAMETER
+        width = p.props.get(S.HV_PARTITION_PROPERTY_PHYSICAL_ADDRESS_WIDTH, 46)
+        mmio = bool(flags & S.HV_MAP_GPA_NOT_CACHED)
+        n = 512 if large else 1
+        for k in c.reps():
+            pfn = c.rep_in(k)
+            gfn = i.target_gpa_base + k * n
+            if (gfn + n) << 12 > (1 << width):
+                return S.HV_STATUS_INVALID_PARAMETER
+            if large and pfn % 512:
+                return S.HV_STATUS_INVALID_PARAMETER
+            for j in range(n):
+                q = pfn + j
+                if self.is_ram(q):
+                    if self.in_reserved(q) or q in self.deposited:
+                        return S.HV_STATUS_INVALID_PARAMETER
+                elif not mmio:
+                    return S.HV_STATUS_INVALID_PARAMETER
+                if gfn + j in p.gpa and not self.allow_remap:
+                    return S.HV_STATUS_INVALID_PARAMETER
+            if self.allow_remap:
+                for j in range(n):
+                    if gfn + j in p.gpa:
+                        self._unmap_one(p, gfn + j)
+            l1, l2 = self._pt_need(p, [] if large else [gfn], gfn if large else None)
+            if len(p.free) < len(l1) + len(l2):
+                return S.HV_STATUS_INSUFFICIENT_MEMORY
+            for r in l1:
+                self._take(p, 1, ("pt1", r))
+            for r in l2:
+                self._take(p, 1, ("pt2", r))
+            if large:
+                p.large.add(gfn)
+                p.l2[gfn >> 18] += 1
+                for j in range(512):
+                    p.gpa[gfn + j] = [pfn + j, flags & ~S.HV_MAP_GPA_LARGE_PAGE, gfn]
+                    self.mapped[pfn + j] += 1
+                p.stats["map_2m"] += 1
+            else:
+                p.gpa[gfn] = [pfn, flags, None]
+                self.mapped[pfn] += 1
+                p.l1[gfn >> 9] += 1
+                p.l2[gfn >> 18] += 1
+                p.stats["map_4k"] += 1
+            p.map_gen += 1
+        return S.HV_STATUS_SUCCESS
+
+    def _split_large(self, p, base):
+        """Turn a 2 MiB mapping into 512 4 KiB mappings (page-table page from the
+        pool is not charged: Hyper-V splits with its own reserve)."""
+        p.large.discard(base)
+        p.l2[base >> 18] -= 1
+        for j in range(512):
+            e = p.gpa.get(base + j)
+            if e is not None:
+                e[2] = None
+                p.l1[(base + j) >> 9] += 1
+                p.l2[(base + j) >> 18] += 1
+
+    def _unmap_one(self, p, gfn):
+        e = p.gpa.get(gfn)
+        if e[2] is not None:
+            self._split_large(p, e[2])
+        del p.gpa[gfn]
+        self.mapped[e[0]] -= 1
+        if not self.mapped[e[0]]:
+            del self.mapped[e[0]]
+        p.l1[gfn >> 9] -= 1
+        if p.l1[gfn >> 9] == 0:
+            del p.l1[gfn >> 9]
+            self._give_back(p, ("pt1", gfn >> 9))
+        self._l2_dec(p, gfn >> 18)
+        p.map_gen += 1
+
+    def _l2_dec(self, p, region):
+        p.l2[region] -= 1
+        if p.l2[region] <= 0:
+            del p.l2[region]
+            self._give_back(p, ("pt2", region))
+
+    def _unmap_all(self, p):
+        for gfn in list(p.gpa):
+            e = p.gpa.pop(gfn)
+            self.mapped[e[0]] -= 1
+            if not self.mapped[e[0]]:
+                del self.mapped[e[0]]
+        p.large.clear()
+        p.l1.clear()
+        p.l2.clear()
+        for key in [k for k in p.held if k[0] in ("pt1", "pt2")]:
+            self._give_back(p, key)
+        p.map_gen += 1
+
+    def _hc_unmap_gpa_pages(self, c):
+        i = c.inp
+        p = self._child(i.target_partition_id)
+        allowed = 0
+        for v in spec.enum("hv_unmap_gpa_flag").values():
+            allowed |= v
+        if i.unmap_flags & ~allowed:
+            return S.HV_STATUS_INVALID_PARAMETER
+        large = bool(i.unmap_flags & S.HV_UNMAP_GPA_LARGE_PAGE)
+        if large and i.target_gpa_base % 512:
+            return S.HV_STATUS_INVALID_PARAMETER
+        n = 512 if large else 1
+        for k in c.reps():
+            gfn = i.target_gpa_base + k * n
+            if any(gfn + j not in p.gpa for j in range(n)):
+                return S.HV_STATUS_INVALID_PARAMETER
+            if large and gfn in p.large:
+                p.large.discard(gfn)
+                for j in range(512):
+                    e = p.gpa.pop(gfn + j)
+                    self.mapped[e[0]] -= 1
+                    if not self.mapped[e[0]]:
+                        del self.mapped[e[0]]
+                self._l2_dec(p, gfn >> 18)
+                p.map_gen += 1
+            else:
+                for j in range(n):
+                    self._unmap_one(p, gfn + j)
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_get_gpa_pages_access_states(self, c):
+        p = self._child(c.inp.partition_id)
+        for k in c.reps():
+            gfn = c.inp.hv_gpa_page_number + k
+            c.rep_out(k, 0x3 if gfn in p.gpa else 0)
+        return S.HV_STATUS_SUCCESS
+
+    # ================================================================ intercepts
+    def _hc_install_intercept(self, c):
+        i = c.inp
+        p = self._child(i.partition_id, (ST_CREATED, ST_INITIALIZED))
+        allowed = 0
+        for v in spec.enum("hv_intercept_access_type_mask").values():
+            allowed |= v
+        if i.access_type & ~allowed or i.intercept_type not in spec.enum("hv_intercept_type").values() \
+                or i.intercept_type == S.HV_INTERCEPT_TYPE_INVALID:
+            return S.HV_STATUS_INVALID_PARAMETER
+        p.intercepts[(i.intercept_type, i.intercept_parameter)] = i.access_type
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_register_intercept_result(self, c):
+        i = c.inp
+        p = self._child(i.partition_id)
+        if i.intercept_type != S.HV_INTERCEPT_TYPE_X64_CPUID:
+            return S.HV_STATUS_SUCCESS       # MSR results: accepted, not modelled
+        prm = i.parameters
+        key = (prm.input_eax, prm.input_ecx if prm.subleaf_specific else None)
+        res = (prm.eax, prm.eax_mask, prm.ebx, prm.ebx_mask, prm.ecx, prm.ecx_mask, prm.edx, prm.edx_mask)
+        targets = p.vps.values() if i.vp_index == 0xFFFFFFFF else [self._vp(p, i.vp_index)]
+        p.cpuid_all = getattr(p, "cpuid_all", {})
+        if i.vp_index == 0xFFFFFFFF:
+            p.cpuid_all[key] = res
+        for vp in targets:
+            vp.cpuid_results[key] = res
+        return S.HV_STATUS_SUCCESS
+
+    def cpuid_default(self, vp, eax, ecx):
+        if eax == 0:
+            return (0xD, _VENDOR[0], _VENDOR[2], _VENDOR[1])
+        if eax == 1:
+            ecx_f = (1 << 0) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 20) | (1 << 23) | (1 << 31)
+            edx_f = 0x0789FBFF & ~(1 << 9) | (1 << 9)
+            return (0x000806EC, (vp.index << 24) | (1 << 16) | (8 << 8), ecx_f, edx_f)
+        if eax == S.HYPERV_CPUID_VENDOR_AND_MAX_FUNCTIONS:
+            return (S.HYPERV_CPUID_IMPLEMENT_LIMITS, _HV_VENDOR[0], _HV_VENDOR[1], _HV_VENDOR[2])
+        if eax == S.HYPERV_CPUID_INTERFACE:
+            return (S.HV_CPUID_INTERFACE_SIGNATURE_HV1, 0, 0, 0)
+        if eax == 0x80000000:
+            return (0x80000008, 0, 0, 0)
+        if eax == 0x80000001:
+            return (0, 0, 1, (1 << 11) | (1 << 20) | (1 << 29))
+        if eax == 0x80000008:
+            return (46 | (48 << 8), 0, 0, 0)
+        return (0, 0, 0, 0)
+
+    def cpuid_value(self, vp, eax, ecx):
+        r = list(self.cpuid_default(vp, eax, ecx))
+        ov = vp.cpuid_results.get((eax, ecx)) or vp.cpuid_results.get((eax, None))
+        if ov:
+            for k in range(4):
+                val, mask = ov[2 * k], ov[2 * k + 1]
+                r[k] = (r[k] & ~mask) | (val & mask)
+        return tuple(r)
+
+    def _hc_get_vp_cpuid_values(self, c):
+        p = self._child(c.inp.partition_id)
+        vp = self._vp(p, c.inp.vp_index)
+        for k in c.reps():
+            leaf = c.rep_in(k)
+            a, b, cc, d = self.cpuid_value(vp, leaf.eax, leaf.ecx)
+            c.rep_out(k, S.hv_cpuid_result(eax=a, ebx=b, ecx=cc, edx=d))
+        return S.HV_STATUS_SUCCESS
+
+    # ================================================================ VPs
+    def _hc_create_vp(self, c):
+        i = c.inp
+        p = self._child(i.partition_id)
+        if i.vp_index >= MAX_VPS or i.vp_index in p.vps:
+            return S.HV_STATUS_INVALID_VP_INDEX
+        self._take(p, self.costs["create_vp"], ("vp", i.vp_index))
+        vp = Vp(p, i.vp_index)
+        vp.cpuid_results.update(getattr(p, "cpuid_all", {}))
+        p.vps[i.vp_index] = vp
+        return S.HV_STATUS_SUCCESS
+
+    def _destroy_vp(self, p, vp):
+        self._stop_vp(vp)
+        vp.deleted = True
+        for t, (pfn, overlay) in list(vp.state_pages.items()):
+            if overlay:
+                self._free_overlay(pfn)
+        vp.state_pages.clear()
+        if vp.engine:
+            vp.engine.close()
+            vp.engine = None
+        self._give_back(p, ("vp", vp.index))
+        for key in [k for k in self.stats_pages if k[1] == p.id and k[2] == vp.index]:
+            self._free_overlay(self.stats_pages.pop(key))
+        del p.vps[vp.index]
+
+    def _hc_delete_vp(self, c):
+        p = self._child(c.inp.partition_id)
+        vp = self._vp(p, c.inp.vp_index)
+        self._destroy_vp(p, vp)
+        return S.HV_STATUS_SUCCESS
+
+    # ---------------------------------------------------------------- registers
+    def get_reg(self, vp, name):
+        st = vp.cpu
+        n = spec.REGISTER_NAMES[name]
+        short = n.replace("HV_X64_REGISTER_", "").replace("HV_REGISTER_", "")
+        if short in GPR_NAMES:
+            return st.gpr[GPR_NAMES.index(short)]
+        if short == "RIP":
+            return st.rip
+        if short == "RFLAGS":
+            return st.rflags
+        if short in SEG_NAMES:
+            return seg_pack(st.segs[SEG_NAMES.index(short)])
+        if short == "LDTR":
+            return seg_pack(st.ldtr)
+        if short == "TR":
+            return seg_pack(st.tr)
+        if short == "GDTR":
+            return table_pack(st.gdtr)
+        if short == "IDTR":
+            return table_pack(st.idtr)
+        if short in ("CR0", "CR2", "CR3", "CR4", "CR8"):
+            return getattr(st, short.lower())
+        if short == "EFER":
+            return st.efer
+        if short in DR_NAMES:
+            return st.dr[DR_NAMES.index(short)]
+        if short.startswith("XMM") and short[3:].isdigit():
+            return st.xmm[int(short[3:])]
+        if short in ("STAR", "LSTAR", "CSTAR", "SFMASK", "KERNEL_GS_BASE", "SYSENTER_CS",
+                     "SYSENTER_EIP", "SYSENTER_ESP", "PAT"):
+            return st.msrs.get(short, 0)
+        if name == _r("HV_REGISTER_VP_ROOT_SIGNAL_COUNT"):
+            return vp.signal_count
+        if name == _r("HV_X64_REGISTER_TSC"):
+            return int(time.monotonic() * 2_000_000_000)
+        return vp.other.get(name, 0)
+
+    def set_reg(self, vp, name, value):
+        st = vp.cpu
+        n = spec.REGISTER_NAMES[name]
+        short = n.replace("HV_X64_REGISTER_", "").replace("HV_REGISTER_", "")
+        v64 = value & U64
+        if short in GPR_NAMES:
+            st.gpr[GPR_NAMES.index(short)] = v64
+        elif short == "RIP":
+            st.rip = v64
+        elif short == "RFLAGS":
+            st.rflags = v64 | 2
+        elif short in SEG_NAMES:
+            st.segs[SEG_NAMES.index(short)] = seg_unpack(value)
+        elif short == "LDTR":
+            st.ldtr = seg_unpack(value)
+        elif short == "TR":
+            st.tr = seg_unpack(value)
+        elif short == "GDTR":
+            st.gdtr = table_unpack(value)
+        elif short == "IDTR":
+            st.idtr = table_unpack(value)
+        elif short in ("CR0", "CR2", "CR3", "CR4", "CR8"):
+            setattr(st, short.lower(), v64)
+        elif short == "EFER":
+            st.efer = v64
+        elif short in DR_NAMES:
+            st.dr[DR_NAMES.index(short)] = v64
+        elif short.startswith("XMM") and short[3:].isdigit():
+            st.xmm[int(short[3:])] = value & ((1 << 128) - 1)
+        elif short in ("STAR", "LSTAR", "CSTAR", "SFMASK", "KERNEL_GS_BASE", "SYSENTER_CS",
+                       "SYSENTER_EIP", "SYSENTER_ESP", "PAT"):
+            st.msrs[short] = v64
+        elif name in (_r("HV_REGISTER_EXPLICIT_SUSPEND"), _r("HV_REGISTER_INTERCEPT_SUSPEND"),
+                      _r("HV_REGISTER_DISPATCH_SUSPEND")):
+            vp.other[name] = value & 1
+        else:
+            vp.other[name] = value & ((1 << 128) - 1)
+
+    def _check_vtl(self, vtl):
+        if vtl not in (0, 0x10):
+            raise HvError(S.HV_STATUS_INVALID_PARAMETER)
+
+    def _hc_get_vp_registers(self, c):
+        p = self._child(c.inp.partition_id)
+        vp = self._vp(p, c.inp.vp_index)
+        self._check_vtl(c.inp.input_vtl)
+        self._sync_reg_page_in(vp)
+        for k in c.reps():
+            name = c.rep_in(k)
+            if name not in spec.REGISTER_NAMES:
+                return S.HV_STATUS_INVALID_PARAMETER
+            v = self.get_reg(vp, name)
+            c.rep_out(k, S.hv_register_value(low=v & U64, high=(v >> 64) & U64))
+        return S.HV_STATUS_SUCCESS
+
+    SUSPEND_NAMES = None
+
+    def _hc_set_vp_registers(self, c):
+        p = self._child(c.inp.partition_id)
+        vp = self._vp(p, c.inp.vp_index)
+        self._check_vtl(c.inp.input_vtl)
+        self._sync_reg_page_in(vp)
+        susp = {_r("HV_REGISTER_EXPLICIT_SUSPEND"), _r("HV_REGISTER_INTERCEPT_SUSPEND"),
+                _r("HV_REGISTER_DISPATCH_SUSPEND")}
+        was_explicit = vp.reg(_r("HV_REGISTER_EXPLICIT_SUSPEND"))
+        for k in c.reps():
+            a = c.rep_in(k)
+            if a.mbz_violations():
+                return S.HV_STATUS_INVALID_PARAMETER
+            if a.name not in spec.REGISTER_NAMES:
+                return S.HV_STATUS_INVALID_PARAMETER
+            if vp.running and a.name not in susp:
+                return S.HV_STATUS_INVALID_VP_STATE
+            if a.name == _r("HV_REGISTER_EXPLICIT_SUSPEND") and a.value.low & 1 and vp.running:
+                vp.stop_req = True
+                self._wait_stopped(vp)
+            self.set_reg(vp, a.name, a.value.low | (a.value.high << 64))
+        self._sync_reg_page_out(vp)
+        now_explicit = vp.reg(_r("HV_REGISTER_EXPLICIT_SUSPEND"))
+        if self.scheduler == "root":
+            if was_explicit and not now_explicit:
+                self._signal_vp(vp, c.cpu)
+        else:
+            vp.notify_cpu = c.cpu
+            self._maybe_start(vp)
+        return S.HV_STATUS_SUCCESS
+
+    # ---------------------------------------------------------------- state pages
+    def _hc_map_vp_state_page(self, c):
+        i = c.inp
+        p = self._child(i.partition_id)
+        vp = self._vp(p, i.vp_index)
+        if i.type not in (S.HV_VP_STATE_PAGE_REGISTERS, S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE):
+            return S.HV_STATUS_INVALID_PARAMETER
+        if i.type in vp.state_pages:
+            c.out = S.hv_output_map_location(map_location=vp.state_pages[i.type][0])
+            return S.HV_STATUS_SUCCESS
+        if i.bits("flags", "map_location_provided"):
+            pfn = i.requested_map_location
+            if not self.is_ram(pfn) or self.in_reserved(pfn) or pfn in self.deposited:
+                return S.HV_STATUS_INVALID_PARAMETER
+            self.mem.fill(pfn << 12, 4096)
+            vp.state_pages[i.type] = (pfn, False)
+        else:
+            vp.state_pages[i.type] = (self._alloc_overlay(("vp", p.id, vp.index, i.type)), True)
+        if i.type == S.HV_VP_STATE_PAGE_REGISTERS:
+            self._sync_reg_page_out(vp)
+        elif vp.last_msg is not None:
+            self.mem.write(vp.state_pages[i.type][0] << 12, vp.last_msg)
+        c.out = S.hv_output_map_location(map_location=vp.state_pages[i.type][0])
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_unmap_vp_state_page(self, c):
+        i = c.inp
+        p = self._child(i.partition_id)
+        vp = self._vp(p, i.vp_index)
+        ent = vp.state_pages.pop(i.type, None)
+        if ent is None:
+            return S.HV_STATUS_INVALID_PARAMETER
+        if ent[1]:
+            self._free_overlay(ent[0])
+        return S.HV_STATUS_SUCCESS
+
+    def _reg_page(self, vp):
+        ent = vp.state_pages.get(S.HV_VP_STATE_PAGE_REGISTERS)
+        return None if ent is None else ent[0] << 12
+
+    def _sync_reg_page_in(self, vp):
+        """Load the register classes the VMM marked dirty in the register page."""
+        gpa = self._reg_page(vp)
+        if gpa is None:
+            return
+        pg = S.hv_x64_register_page.from_bytes(self.mem.read(gpa, S.hv_x64_register_page.SIZE))
+        if not pg.dirty:
+            return
+        st = vp.cpu
+        if pg.bits("dirty", "general"):
+            st.gpr = list(pg.gp_registers)
+        if pg.bits("dirty", "ip"):
+            st.rip = pg.rip
+        if pg.bits("dirty", "flags"):
+            st.rflags = pg.rflags | 2
+        if pg.bits("dirty", "segment"):
+            st.segs = [(s.base, s.limit, s.selector, s.attributes) for s in pg.segments]
+        if pg.bits("dirty", "xmm"):
+            for k in range(6):
+                st.xmm[k] = pg.xmm[k].low_part | (pg.xmm[k].high_part << 64)
+        self.mem.write_u32(gpa + S.hv_x64_register_page.OFFSETS["dirty"], 0)
+
+    def _sync_reg_page_out(self, vp):
+        gpa = self._reg_page(vp)
+        if gpa is None:
+            return
+        st = vp.cpu
+        pg = S.hv_x64_register_page.from_bytes(self.mem.read(gpa, S.hv_x64_register_page.SIZE))
+        pg.version = 1
+        pg.isvalid = 1
+        pg.dirty = 0
+        for k in range(16):
+            pg.gp_registers[k] = st.gpr[k]
+        pg.rip, pg.rflags = st.rip, st.rflags
+        for k in range(6):
+            pg.xmm[k].low_part = st.xmm[k] & U64
+            pg.xmm[k].high_part = st.xmm[k] >> 64
+            b, l, s, a = st.segs[k]
+            pg.segments[k].base, pg.segments[k].limit = b, l
+            pg.segments[k].selector, pg.segments[k].attributes = s, a
+        pg.cr0, pg.cr3, pg.cr4, pg.cr8, pg.efer, pg.dr7 = st.cr0, st.cr3, st.cr4, st.cr8, st.efer, st.dr[5]
+        pg.xfem = vp.reg(_r("HV_X64_REGISTER_XFEM"))
+        pg.interrupt_state = vp.reg(_r("HV_REGISTER_INTERRUPT_STATE"))
+        pg.pending_interruption = vp.reg(_r("HV_REGISTER_PENDING_INTERRUPTION"))
+        self.mem.write(gpa, pg.to_bytes())
+
+    # ---------------------------------------------------------------- VP state blobs
+    def _hc_get_vp_state(self, c):
+        return self._vp_state(c, get=True)
+
+    def _hc_set_vp_state(self, c):
+        return self._vp_state(c, get=False)
+
+    def _vp_state(self, c, get):
+        i = c.inp
+        p = self._child(i.partition_id)
+        vp = self._vp(p, i.vp_index)
+        t = i.state_data.type
+        if t not in spec.enum("hv_get_set_vp_state_type").values():
+            return S.HV_STATUS_INVALID_PARAMETER
+        if t == S.HV_GET_SET_VP_STATE_SYNTHETIC_TIMERS:
+            if get:
+                blob = vp.vp_state.get(t, bytes(S.hv_synthetic_timers_state.SIZE))
+                c.out = S.hv_synthetic_timers_state.from_bytes(blob)
+            else:
+                vp.vp_state[t] = bytes(c.varhead[:S.hv_synthetic_timers_state.SIZE]).ljust(
+                    S.hv_synthetic_timers_state.SIZE, b"\0")
+            return S.HV_STATUS_SUCCESS
+        pfns = [int.from_bytes(c.varhead[k:k + 8], "little") for k in range(0, len(c.varhead), 8)]
+        if not pfns or any(not self.is_ram(x) for x in pfns):
+            return S.HV_STATUS_INVALID_PARAMETER
+        if get:
+            blob = vp.vp_state.get(t)
+            if blob is None:
+                blob = self._default_vp_state(vp, t, len(pfns) * 4096)
+            blob = blob.ljust(len(pfns) * 4096, b"\0")
+            for k, x in enumerate(pfns):
+                self.mem.write(x << 12, blob[k * 4096:(k + 1) * 4096])
+        else:
+            vp.vp_state[t] = b"".join(self.mem.read(x << 12, 4096) for x in pfns)
+        return S.HV_STATUS_SUCCESS
+
+    def _default_vp_state(self, vp, t, size):
+        b = bytearray(size)
+        if t == S.HV_GET_SET_VP_STATE_LAPIC_STATE:
+            struct.pack_into("<I", b, 0x20, vp.index << 24)   # APIC ID
+            struct.pack_into("<I", b, 0x30, 0x50014)           # version
+        elif t == S.HV_GET_SET_VP_STATE_XSAVE:
+            struct.pack_into("<H", b, 0, 0x37F)                # FCW
+            struct.pack_into("<I", b, 24, 0x1F80)              # MXCSR
+        return bytes(b)
+
+    # ---------------------------------------------------------------- misc VP calls
+    def _hc_translate_virtual_address(self, c):
+        i = c.inp
+        p = self._child(i.partition_id)
+        vp = self._vp(p, i.vp_index)
+        eng = self._engine(vp)
+        eng._tcache = {}
+        st = vp.cpu
+        g = eng.translate(i.gva_page << 12, st.cr0, st.cr3, st.cr4, st.efer)
+        # result codes (HV_TRANSLATE_GVA_*) are not in the spec: 0 success, 1 page not present
+        if g is None:
+            c.out = S.hv_output_translate_virtual_address(result_code=1)
+        else:
+            c.out = S.hv_output_translate_virtual_address(result_code=0, gpa_page=g >> 12)
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_clear_virtual_interrupt(self, c):
+        self._child(c.inp.partition_id)
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_assert_virtual_interrupt(self, c):
+        i = c.inp
+        p = self._child(i.partition_id)
+        target = None
+        for vp in p.vps.values():
+            if vp.reg(_r("HV_X64_REGISTER_INITIAL_APIC_ID")) == i.dest_addr:
+                target = vp
+        if target is None:
+            return S.HV_STATUS_INVALID_PARAMETER
+        target.pending_irq.append((i.bits("control", "interrupt_type"), i.vector))
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_signal_event_direct(self, c):
+        i = c.inp
+        p = self._child(i.target_partition)
+        self._vp(p, i.target_vp)
+        c.out = S.hv_output_signal_event_direct(newly_signaled=1)
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_post_message_direct(self, c):
+        i = c.inp
+        p = self._child(i.partition_id)
+        self._vp(p, i.vp_index)
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_create_port(self, c):
+        i = c.inp
+        p = self._part(i.port_partition_id)
+        self._part(i.connection_partition_id)
+        if (p.id, i.port_id) in self.root.ports:
+            return S.HV_STATUS_INVALID_PORT_ID
+        self.root.ports[(p.id, i.port_id)] = i.port_info.port_type
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_connect_port(self, c):
+        i = c.inp
+        cp = self._part(i.connection_partition_id)
+        if (self._part(i.port_partition_id).id, i.port_id) not in self.root.ports:
+            return S.HV_STATUS_INVALID_PORT_ID
+        cp.connections[i.connection_id] = (i.port_partition_id, i.port_id)
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_delete_port(self, c):
+        p = self._part(c.inp.port_partition_id)
+        if self.root.ports.pop((p.id, c.inp.port_id), None) is None:
+            return S.HV_STATUS_INVALID_PORT_ID
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_disconnect_port(self, c):
+        p = self._part(c.inp.connection_partition_id)
+        if p.connections.pop(c.inp.connection_id, None) is None:
+            return S.HV_STATUS_INVALID_CONNECTION_ID
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_notify_port_ring_empty(self, c):
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_map_stats_page(self, c):
+        i = c.inp
+        ident = i.identity
+        if i.type in (S.HV_STATS_OBJECT_PARTITION, S.HV_STATS_OBJECT_VP):
+            p = self._part(ident.object_id)
+            if i.type == S.HV_STATS_OBJECT_VP:
+                self._vp(p, ident.vp_index)
+        elif i.type not in spec.enum("hv_stats_object_type").values():
+            return S.HV_STATUS_INVALID_PARAMETER
+        key = (i.type, ident.object_id if i.type >= S.HV_STATS_OBJECT_PARTITION else 0,
+               ident.vp_index if i.type == S.HV_STATS_OBJECT_VP else 0, ident.stats_area_type)
+        if key not in self.stats_pages:
+            self.stats_pages[key] = self._alloc_overlay(("stats",) + key)
+        c.out = S.hv_output_map_location(map_location=self.stats_pages[key])
+        return S.HV_STATUS_SUCCESS
+
+    def _hc_unmap_stats_page(self, c):
+        i = c.inp
+        ident = i.identity
+        key = (i.type, ident.object_id if i.type >= S.HV_STATS_OBJECT_PARTITION else 0,
+               ident.vp_index if i.type == S.HV_STATS_OBJECT_VP else 0, ident.stats_area_type)
+        pfn = self.stats_pages.pop(key, None)
+        if pfn is None:
+            return S.HV_STATUS_INVALID_PARAMETER
+        self._free_overlay(pfn)
+        return S.HV_STATUS_SUCCESS
+
+    # ================================================================ root SynIC
+    def synic_pages(self, cpu):
+        """(SIMP GPA, SIEFP GPA) of root CPU `cpu`, allocated once."""
+        with self._lock:
+            s = self.synic.get(cpu)
+            if s is None:
+                s = self.synic[cpu] = RootSynic(self._alloc_overlay(("simp", cpu)),
+                                                self._alloc_overlay(("siefp", cpu)))
+            return s.simp_pfn << 12, s.siefp_pfn << 12
+
+    def _slot(self, cpu, sint):
+        self.synic_pages(cpu)
+        return (self.synic[cpu].simp_pfn << 12) + sint * S.hv_message.SIZE
+
+    def post_message(self, cpu, sint, msg_bytes):
+        """Queue a message for root CPU `cpu` SINT `sint`; deliver if the slot is free."""
+        with self._lock:
+            self.synic_pages(cpu)
+            q = self.synic[cpu].queues[sint]
+            q.append(bytes(msg_bytes))
+            self._deliver(cpu, sint)
+
+    def _deliver(self, cpu, sint):
+        s = self.synic[cpu]
+        q = s.queues[sint]
+        slot = self._slot(cpu, sint)
+        flags_off = S.hv_message_header.OFFSETS["message_flags"]
+        pend = S.hv_message_header.BITS["message_flags"]["msg_pending"][0]
+        while q:
+            if self.mem.read_u32(slot) != S.HVMSG_NONE:
+                # occupied: ask for an EOM, then re-check (the root may have just freed it)
+                fl = self.mem.read(slot + flags_off, 1)[0]
+                self.mem.write(slot + flags_off, bytes([fl | (1 << pend)]))
+                with threading.Lock():
+                    pass                      # a full fence between the two accesses
+                if self.mem.read_u32(slot) != S.HVMSG_NONE:
+                    return
+            msg = bytearray(q.popleft())
+            if q:
+                msg[flags_off] |= 1 << pend
+            self.mem.write(slot + 4, bytes(msg[4:]))
+            self.mem.write(slot, bytes(msg[:4]))       # the type goes last
+            self._post_notify(cpu)
+            return
+
+    def eom(self, cpu):
+        """The root wrote EOM on `cpu`: deliver the next queued message(s)."""
+        with self._lock:
+            if cpu in self.synic:
+                for sint in list(self.synic[cpu].queues):
+                    self._deliver(cpu, sint)
+        self._flush_notify()
+
+    def _message(self, mtype, payload, sender):
+        m = S.hv_message()
+        m.header.message_type = mtype
+        pb = payload.to_bytes() if hasattr(payload, "to_bytes") else bytes(payload)
+        m.header.payload_size = len(pb)
+        m.header.sender = sender
+        raw = bytearray(m.to_bytes())
+        raw[16:16 + len(pb)] = pb
+        return bytes(raw)
+
+    def _signal_vp(self, vp, cpu):
+        """Root scheduler: kick the VP's dispatch thread (VP_SIGNAL_PAIR on SINT0)."""
+        vp.signal_count += 1
+        pl = S.hv_vp_signal_pair_scheduler_message(vp_count=1)
+        pl.partition_ids[0] = vp.part.id
+        pl.vp_indexes[0] = vp.index
+        msg = self._message(S.HVMSG_SCHEDULER_VP_SIGNAL_PAIR, pl, 0)
+        self.synic_pages(cpu)
+        self.synic[cpu].queues[S.HV_SYNIC_INTERCEPTION_SINT_INDEX].append(msg)
+        self._deliver(cpu, S.HV_SYNIC_INTERCEPTION_SINT_INDEX)
+
+    # ================================================================ running VPs
+    def _engine(self, vp):
+        if vp.engine is None:
+            from .cpu import Engine
+            vp.engine = Engine(self, vp.part, vp)
+        return vp.engine
+
+    def _decide(self, vp):
+        p = vp.part
+
+        def decide(kind, **kw):
+            if kind == "cpuid":
+                res = self.cpuid_value(vp, kw["eax"], kw["ecx"])
+                if (S.HV_INTERCEPT_TYPE_X64_CPUID, kw["eax"]) in p.intercepts or \
+                        any(k[0] == S.HV_INTERCEPT_TYPE_X64_GLOBAL_CPUID for k in p.intercepts):
+                    return "exit", res
+                return "emulate", res
+            if kind == "msr":
+                msr = kw["msr"]
+                acc = S.HV_INTERCEPT_ACCESS_MASK_WRITE if kw["write"] else S.HV_INTERCEPT_ACCESS_MASK_READ
+                for key in ((S.HV_INTERCEPT_TYPE_X64_MSR_INDEX, msr), (S.HV_INTERCEPT_TYPE_X64_MSR, 0)):
+                    if p.intercepts.get(key, 0) & acc:
+                        return "exit", None
+                if 0x40000000 <= msr <= 0x400000FF:
+                    store = self.msr_values.setdefault((p.id, vp.index), {})
+                    if kw["write"]:
+                        store[msr] = kw["value"]
+                        return "emulate", None
+                    if msr == S.HV_X64_MSR_VP_INDEX:
+                        return "emulate", vp.index
+                    return "emulate", store.get(msr, 0)
+                return "native", None
+            return "emulate", None
+        return decide
+
+    def _exec_state(self, st):
+        H = S.hv_x64_intercept_message_header
+        cpl = (st.segs[2][3] >> 5) & 3 if st.cr0 & 1 else 0
+        return (spec.set_bits(H, "execution_state", "cpl", cpl)
+                | spec.set_bits(H, "execution_state", "cr0_pe", st.cr0 & 1)
+                | spec.set_bits(H, "execution_state", "cr0_am", (st.cr0 >> 18) & 1)
+                | spec.set_bits(H, "execution_state", "efer_lma", (st.efer >> 10) & 1))
+
+    def _build_intercept(self, vp, ex):
+        """Turn an engine Exit into (message bytes) for the intercept page."""
+        st = vp.cpu
+        H = S.hv_x64_intercept_message_header
+        hdr = H(vp_index=vp.index, execution_state=self._exec_state(st), rip=st.rip, rflags=st.rflags)
+        b, l, s, a = st.segs[1]
+        hdr.cs_segment.base, hdr.cs_segment.limit, hdr.cs_segment.selector, hdr.cs_segment.attributes = b, l, s, a
+
+        def seg(dst, k):
+            dst.base, dst.limit, dst.selector, dst.attributes = st.segs[k]
+
+        def insn_bytes(dst_arr):
+            eng = vp.engine
+            eng._tcache = {}
+            eng._pg = (st.cr0, st.cr3, st.cr4, st.efer)
+            raw = eng.read_linear(st.segs[1][0] + st.rip, 16, stop_at_page_end=True)
+            for k, x in enumerate(raw[:16]):
+                dst_arr[k] = x
+            return min(len(raw), 16)
+
+        pid = vp.part.id
+        if ex.kind == "io":
+            hdr.instruction_length_cr8 = spec.set_bits(H, "instruction_length_cr8", "instruction_length", ex.length)
+            hdr.intercept_access_type = S.HV_INTERCEPT_ACCESS_WRITE if ex.write else S.HV_INTERCEPT_ACCESS_READ
+            M = S.hv_x64_io_port_intercept_message
+            m = M(header=hdr, port_number=ex.port, rax=st.gpr[0], rcx=st.gpr[1], rsi=st.gpr[6], rdi=st.gpr[7])
+            m.access_info = (spec.set_bits(M, "access_info", "access_size", ex.size)
+                             | spec.set_bits(M, "access_info", "string_op", int(ex.string))
+                             | spec.set_bits(M, "access_info", "rep_prefix", int(ex.rep)))
+            m.instruction_byte_count = insn_bytes(m.instruction_bytes)
+            seg(m.ds_segment, 3)
+            seg(m.es_segment, 0)
+            return self._message(S.HVMSG_X64_IO_PORT_INTERCEPT, m, pid)
+        if ex.kind == "halt":
+            hdr.instruction_length_cr8 = spec.set_bits(H, "instruction_length_cr8", "instruction_length", ex.length)
+            return self._message(S.HVMSG_X64_HALT, S.hv_x64_halt_message(header=hdr), pid)
+        if ex.kind == "memory":
+            hdr.intercept_access_type = ex.access   # HV_INTERCEPT_ACCESS_READ/WRITE/EXECUTE
+            M = S.hv_x64_memory_intercept_message
+            ent = vp.part.gpa.get(ex.gpa >> 12)
+            m = M(header=hdr, guest_physical_address=ex.gpa)
+            m.cache_type = 0 if (ent and ent[1] & S.HV_MAP_GPA_NOT_CACHED) else 6
+            if not st.cr0 & (1 << 31):
+                m.guest_virtual_address = ex.gpa
+                m.memory_access_info = spec.set_bits(M, "memory_access_info", "gva_valid", 1)
+            m.instruction_byte_count = insn_bytes(m.instruction_bytes)
+            mtype = S.HVMSG_UNMAPPED_GPA if (ex.unmapped or ent is None) else S.HVMSG_GPA_INTERCEPT
+            return self._message(mtype, m, pid)
+        if ex.kind == "cpuid":
+            hdr.instruction_length_cr8 = spec.set_bits(H, "instruction_length_cr8", "instruction_length", ex.length)
+            a, b2, c2, d = ex.default
+            m = S.hv_x64_cpuid_intercept_message(header=hdr, rax=st.gpr[0], rcx=st.gpr[1], rdx=st.gpr[2],
+                                                 rbx=st.gpr[3], default_result_rax=a, default_result_rbx=b2,
+                                                 default_result_rcx=c2, default_result_rdx=d)
+            return self._message(S.HVMSG_X64_CPUID_INTERCEPT, m, pid)
+        if ex.kind == "msr":
+            hdr.instruction_length_cr8 = spec.set_bits(H, "instruction_length_cr8", "instruction_length", ex.length)
+            hdr.intercept_access_type = S.HV_INTERCEPT_ACCESS_WRITE if ex.write else S.HV_INTERCEPT_ACCESS_READ
+            m = S.hv_x64_msr_intercept_message(header=hdr, msr_number=ex.msr, rdx=st.gpr[2], rax=st.gpr[0])
+            return self._message(S.HVMSG_X64_MSR_INTERCEPT, m, pid)
+        if ex.kind == "exception" and (S.HV_INTERCEPT_TYPE_EXCEPTION, ex.vector) in vp.part.intercepts:
+            M = S.hv_x64_exception_intercept_message
+            m = M(header=hdr, exception_vector=ex.vector)
+            if ex.error_code is not None:
+                m.exception_info = spec.set_bits(M, "exception_info", "error_code_valid", 1)
+                m.error_code = ex.error_code
+            m.instruction_byte_count = insn_bytes(m.instruction_bytes)
+            seg(m.ds_segment, 3)
+            seg(m.ss_segment, 2)
+            for k, n in enumerate(GPR_NAMES):
+                setattr(m, n.lower(), st.gpr[k])
+            return self._message(S.HVMSG_X64_EXCEPTION_INTERCEPT, m, pid)
+        return self._message(S.HVMSG_UNRECOVERABLE_EXCEPTION, S.hv_x64_unrecoverable_exception_message(header=hdr), pid)
+
+    def _run_slice(self, vp):
+        """Run the VP (model lock NOT held). Returns the engine Exit."""
+        eng = self._engine(vp)
+        with self._lock:
+            self._sync_reg_page_in(vp)
+            st = vp.cpu.copy()
+        ex = eng.run(st, self.max_insns, time.monotonic() + self.time_slice,
+                     lambda: vp.stop_req, self._decide(vp))
+        with self._lock:
+            vp.cpu = st
+        return ex
+
+    def _record_intercept(self, vp, ex):
+        """Lock held: the VP stopped on an intercept."""
+        msg = self._build_intercept(vp, ex)
+        vp.last_msg = msg
+        vp.other[_r("HV_REGISTER_INTERCEPT_SUSPEND")] = 1
+        ent = vp.state_pages.get(S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE)
+        if ent:
+            self.mem.write(ent[0] << 12, msg)
+        self._sync_reg_page_out(vp)
+        vp.part.stats["intercepts"] += 1
+        self._log("  vp %x/%d intercept %s rip=0x%x" % (vp.part.id, vp.index,
+                        spec.MESSAGE_NAMES.get(struct.unpack_from("<I", msg)[0]), vp.cpu.rip))
+        return msg
+
+    # ---------------------------------------------------------------- root scheduler
+    def _hc_dispatch_vp(self, c):
+        if self.scheduler != "root":
+            return S.HV_STATUS_ACCESS_DENIED
+        i = c.inp
+        p = self._child(i.partition_id)
+        vp = self._vp(p, i.vp_index)
+        allowed = 0
+        for v in spec.enum("hv_dispatch_vp_flag").values():
+            allowed |= v
+        if i.flags & ~allowed:
+            return S.HV_STATUS_INVALID_PARAMETER
+        if vp.running:
+            return S.HV_STATUS_INVALID_VP_STATE
+        O = S.hv_output_dispatch_vp
+        if i.flags & S.HV_DISPATCH_VP_FLAG_CLEAR_INTERCEPT_SUSPEND:
+            vp.other[_r("HV_REGISTER_INTERCEPT_SUSPEND")] = 0
+        if vp.reg(_r("HV_REGISTER_EXPLICIT_SUSPEND")) or vp.reg(_r("HV_REGISTER_DISPATCH_SUSPEND")):
+            c.out = O(dispatch_state=S.HV_VP_DISPATCH_STATE_BLOCKED, dispatch_event=S.HV_VP_DISPATCH_EVENT_SUSPEND)
+            return S.HV_STATUS_SUCCESS
+        if vp.reg(_r("HV_REGISTER_INTERCEPT_SUSPEND")):
+            c.out = O(dispatch_state=S.HV_VP_DISPATCH_STATE_READY, dispatch_event=S.HV_VP_DISPATCH_EVENT_INTERCEPT)
+            return S.HV_STATUS_SUCCESS
+        if i.flags & S.HV_DISPATCH_VP_FLAG_SCAN_INTERRUPT_INJECTION:
+            gpa = self._reg_page(vp)
+            if gpa is not None:
+                off = gpa + S.hv_x64_register_page.OFFSETS["interrupt_vectors"]
+                iv = S.hv_vp_register_page_interrupt_vectors.from_bytes(self.mem.read(off, 8))
+                for k in range(min(iv.vector_count, 7)):
+                    vp.pending_irq.append((S.HV_X64_INTERRUPT_TYPE_FIXED, iv.vector[k]))
+                self.mem.write(off, bytes(8))
+        vp.running = True
+        vp.stop_req = False
+
+        def cont():
+            try:
+                ex = self._run_slice(vp)
+            finally:
+                with self._lock:
+                    vp.running = False
+                    self._cond.notify_all()
+            with self._lock:
+                if vp.deleted:
+                    return S.HV_STATUS_INVALID_VP_INDEX
+                if ex.kind == "preempt":
+                    self._sync_reg_page_out(vp)
+                    c.out = O(dispatch_state=S.HV_VP_DISPATCH_STATE_READY, dispatch_event=self.preempt_event)
+                elif ex.kind == "stopped":
+                    self._sync_reg_page_out(vp)
+                    c.out = O(dispatch_state=S.HV_VP_DISPATCH_STATE_BLOCKED,
+                              dispatch_event=S.HV_VP_DISPATCH_EVENT_SUSPEND)
+                else:
+                    self._record_intercept(vp, ex)
+                    c.out = O(dispatch_state=S.HV_VP_DISPATCH_STATE_READY,
+                              dispatch_event=S.HV_VP_DISPATCH_EVENT_INTERCEPT)
+                return S.HV_STATUS_SUCCESS
+        return cont
+
+    # ---------------------------------------------------------------- core scheduler
+    def _runnable(self, vp):
+        return (not vp.deleted and vp.part.state == ST_INITIALIZED
+                and not vp.reg(_r("HV_REGISTER_EXPLICIT_SUSPEND"))
+                and not vp.reg(_r("HV_REGISTER_INTERCEPT_SUSPEND"))
+                and not vp.reg(_r("HV_REGISTER_DISPATCH_SUSPEND")))
+
+    def _maybe_start(self, vp):
+        if self.scheduler != "core" or vp.running or not self._runnable(vp) or self._closed:
+            return
+        vp.running = True
+        vp.stop_req = False
+        vp.thread = threading.Thread(target=self._vp_thread, args=(vp,), daemon=True,
+                                     name="hvsim-vp-%x-%d" % (vp.part.id, vp.index))
+        vp.thread.start()
+
+    def _vp_thread(self, vp):
+        try:
+            while True:
+                with self._lock:
+                    if vp.stop_req or not self._runnable(vp) or self._closed:
+                        return
+                ex = self._run_slice(vp)
+                with self._lock:
+                    if ex.kind == "preempt":
+                        continue
+                    if ex.kind == "stopped":
+                        self._sync_reg_page_out(vp)
+                        return
+                    self._record_intercept(vp, ex)
+                    cpu = vp.notify_cpu if vp.notify_cpu is not None else vp.index % self.ncpus
+                    pl = S.hv_opaque_intercept_message(vp_index=vp.index)
+                    msg = self._message(S.HVMSG_OPAQUE_INTERCEPT, pl, vp.part.id)
+                    self.synic_pages(cpu)
+                    self.synic[cpu].queues[S.HV_SYNIC_INTERCEPTION_SINT_INDEX].append(msg)
+                    self._deliver(cpu, S.HV_SYNIC_INTERCEPTION_SINT_INDEX)
+                    return
+        finally:
+            with self._lock:
+                vp.running = False
+                self._cond.notify_all()
+            self._flush_notify()
+
+    def _wait_stopped(self, vp, timeout=30):
+        end = time.monotonic() + timeout
+        while vp.running:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise HvError(S.HV_STATUS_TIME_OUT)
+            self._cond.wait(left)
+
+    def _stop_vp(self, vp):
+        if vp.running:
+            vp.stop_req = True
+            self._wait_stopped(vp)
+
+    def wait_idle(self, timeout=10):
+        """Test helper: wait until no VP is running."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            while any(vp.running for p in self.partitions.values() for vp in p.vps.values()):
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def shutdown(self):
+        with self._lock:
+            self._closed = True
+            for p in self.partitions.values():
+                for vp in p.vps.values():
+                    if vp.running:
+                        vp.stop_req = True
+            try:
+                for p in self.partitions.values():
+                    for vp in p.vps.values():
+                        self._wait_stopped(vp, 5)
+            except HvError:
+                pass
+
+
+class _Call:
+    """One hypercall being processed: decoded control word, input, output."""
+
+    def __init__(self, hv, cpu, control, code, fast_api, in_gpa, out_gpa, fast_bytes):
+        self.hv = hv
+        self.cpu = cpu
+        self.control = control
+        self.code = code
+        self.fast_api = fast_api
+        self.in_gpa = in_gpa
+        self.out_gpa = out_gpa
+        self.fast_bytes = fast_bytes
+        self.info = S.HYPERCALLS.get(code)
+        self.inp = None
+        self.out = None
+        self.varhead = b""
+        self.done = 0
+        self._rep_out = {}
+        self.rep_count = spec.control_field(control, "rep_count")
+        self.rep_start = spec.control_field(control, "rep_start")
+        self.limit = 1 << 12
+
+    def describe(self):
+        if not self.info:
+            return "code_0x%x" % self.code
+        s = self.info["name"]
+        if self.inp is not None:
+            f0 = self.inp._fields_[0][0]
+            v = getattr(self.inp, f0)
+            if isinstance(v, int):
+                s += "(%s=0x%x)" % (f0, v)
+        if self.info["form"] == "rep":
+            s += "[%d:%d]" % (self.rep_start, self.rep_count)
+        return s
+
+    def validate(self):
+        info = self.info
+        if info is None:
+            return S.HV_STATUS_INVALID_HYPERCALL_CODE
+        c = self.control
+        if c & S.CONTROL_MBZ:
+            return S.HV_STATUS_INVALID_HYPERCALL_INPUT
+        fast = spec.control_field(c, "fast")
+        if fast != int(self.fast_api):
+            return S.HV_STATUS_INVALID_HYPERCALL_INPUT
+        if info["form"] == "simple":
+            if self.rep_count or self.rep_start:
+                return S.HV_STATUS_INVALID_HYPERCALL_INPUT
+        else:
+            if self.rep_count == 0 or self.rep_start >= self.rep_count:
+                return S.HV_STATUS_INVALID_HYPERCALL_INPUT
+        vh = spec.control_field(c, "varhead_size")
+        if vh and not info["varhead"]:
+            return S.HV_STATUS_INVALID_HYPERCALL_INPUT
+        if fast and not info["fast"]:
+            return S.HV_STATUS_INVALID_HYPERCALL_INPUT
+        in_cls = info["input"]
+        in_size = (in_cls.SIZE if in_cls else 0) + vh * 8 + self.rep_count * spec.elem_size(info["rep_input"])
+        if fast:
+            if in_size > 16:
+                return S.HV_STATUS_INVALID_HYPERCALL_INPUT
+            raw = self.fast_bytes
+        else:
+            raw = b""
+            if in_size:
+                g = self.in_gpa
+                if g % 8:
+                    return S.HV_STATUS_INVALID_ALIGNMENT
+                if (g & 0xFFF) + in_size > 4096 or not self.hv.mem.contains(g, in_size):
+                    return S.HV_STATUS_INVALID_ALIGNMENT
+                raw = self.hv.mem.read(g, in_size)
+            out_size = 0
+            if info["output"] is not None:
+                out_size = info["output"].SIZE
+            if info["rep_output"]:
+                out_size = self.rep_count * spec.elem_size(info["rep_output"])
+            if out_size:
+                g = self.out_gpa
+                if g % 8:
+                    return S.HV_STATUS_INVALID_ALIGNMENT
+                if (g & 0xFFF) + out_size > 4096 or not self.hv.mem.contains(g, out_size):
+                    return S.HV_STATUS_INVALID_ALIGNMENT
+        self.raw = raw
+        if in_cls is not None:
+            self.inp = in_cls.from_bytes(raw)
+            if self.inp.mbz_violations():
+                return S.HV_STATUS_INVALID_PARAMETER
+        off = in_cls.SIZE if in_cls else 0
+        self.varhead = raw[off:off + vh * 8]
+        self.rep_base = off + vh * 8
+        lim = self.hv.rep_limit.get(self.code, self.hv.rep_limit.get(None))
+        if lim:
+            self.limit = lim
+        self.done = self.rep_start
+        return None
+
+    def reps(self):
+        end = min(self.rep_count, self.rep_start + self.limit)
+        for i in range(self.rep_start, end):
+            self.done = i
+            yield i
+            self.done = i + 1
+
+    def rep_in(self, i):
+        t = self.info["rep_input"]
+        n = spec.elem_size(t)
+        b = self.raw[self.rep_base + i * n:self.rep_base + (i + 1) * n]
+        cls = spec.elem_struct(t)
+        if cls is None:
+            return int.from_bytes(b, "little")
+        return cls.from_bytes(b)
+
+    def rep_out(self, i, value):
+        self._rep_out[i] = value
+
+    def _write_reps(self):
+        t = self.info["rep_output"]
+        if not t:
+            return
+        n = spec.elem_size(t)
+        for i, v in sorted(self._rep_out.items()):
+            b = v.to_bytes() if hasattr(v, "to_bytes") and not isinstance(v, int) else int(v).to_bytes(n, "little")
+            self.hv.mem.write(self.out_gpa + i * n, b)
+
+    def commit(self):
+        if self.out is not None and not self.fast_api:
+            self.hv.mem.write(self.out_gpa, self.out.to_bytes())
+        if self.info and self.info["form"] == "rep":
+            self._write_reps()
+
+    def commit_partial(self):
+        self._write_reps()

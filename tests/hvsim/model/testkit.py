@@ -1,0 +1,195 @@
+"""Helpers for the model's unit tests: an in-memory root partition that issues
+hypercalls the way the driver does, building every input with the bindings."""
+
+import struct
+
+from .spec import S, make_control, result_status, result_reps
+from .memory import AnonRam
+from .hv import Hypervisor, ROOT_ID, seg_pack, table_pack
+
+MB = 1 << 20
+RAM_SIZE = 64 * MB
+HV_BASE = 48 * MB          # reserved range [48 MiB, 64 MiB)
+HV_SIZE = 16 * MB
+IN_GPA = 0x10000           # per-"CPU" hypercall input/output pages
+OUT_GPA = 0x11000
+POOL_BASE = 0x100          # root RAM pages 1 MiB.. handed out for deposits
+GUEST_BASE = 0x1000        # root RAM pages 16 MiB..48 MiB used as guest memory
+U64 = (1 << 64) - 1
+
+
+class Root:
+    """A fake root partition driving the model."""
+
+    def __init__(self, scheduler="root", notify=None, ncpus=2):
+        self.ram = AnonRam(RAM_SIZE)
+        self.notified = []
+        self.hv = Hypervisor(self.ram, HV_BASE, HV_SIZE, scheduler=scheduler,
+                             notify=notify or self.notified.append, ncpus=ncpus)
+        self._next_pool = POOL_BASE
+        self._next_guest = GUEST_BASE
+
+    def close(self):
+        self.hv.shutdown()
+
+    # -------------------------------------------------------------- raw calls
+    def call(self, code, inp=b"", elems=b"", reps=0, start=0, cpu=0, varhead=0, in_gpa=IN_GPA,
+             out_gpa=OUT_GPA, control=None):
+        data = bytes(inp) + bytes(elems)
+        if data:
+            self.ram.write(in_gpa, data)
+        ctl = control if control is not None else make_control(code, reps, start, varhead=varhead)
+        r = self.hv.hypercall(cpu, ctl, in_gpa, out_gpa)
+        return result_status(r), result_reps(r)
+
+    def st(self, *a, **kw):
+        return self.call(*a, **kw)[0]
+
+    def fast(self, code, in0=0, in1=0, cpu=0):
+        return result_status(self.hv.hypercall_fast(cpu, make_control(code, fast=True), in0, in1))
+
+    def out(self, cls, off=0):
+        return cls.from_bytes(self.ram.read(OUT_GPA + off, cls.SIZE))
+
+    def out_u64s(self, n):
+        return list(struct.unpack("<%dQ" % n, self.ram.read(OUT_GPA, 8 * n)))
+
+    # -------------------------------------------------------------- pages
+    def pool_pages(self, n):
+        p = list(range(self._next_pool, self._next_pool + n))
+        self._next_pool += n
+        return p
+
+    def guest_pages(self, n, align=1):
+        start = -(-self._next_guest // align) * align
+        self._next_guest = start + n
+        return list(range(start, start + n))
+
+    def deposit(self, pid, pfns, start=0):
+        return self.call(S.HVCALL_DEPOSIT_MEMORY, S.hv_input_deposit_memory(partition_id=pid),
+                         struct.pack("<%dQ" % len(pfns), *pfns), reps=len(pfns), start=start)
+
+    def withdraw(self, pid, n, start=0):
+        return self.call(S.HVCALL_WITHDRAW_MEMORY, S.hv_input_withdraw_memory(partition_id=pid),
+                         reps=n, start=start)
+
+    # -------------------------------------------------------------- lifecycle
+    def create_partition(self, flags=S.HV_PARTITION_CREATION_FLAG_GPA_SUPER_PAGES_ENABLED
+                         | S.HV_PARTITION_CREATION_FLAG_EXO_PARTITION
+                         | S.HV_PARTITION_CREATION_FLAG_INTERCEPT_MESSAGE_PAGE_ENABLED):
+        """Like the driver: retry with one root page per INSUFFICIENT_MEMORY."""
+        inp = S.hv_input_create_partition(flags=flags, compatibility_version=S.HV_COMPATIBILITY_21_H2)
+        for _ in range(64):
+            st = self.st(S.HVCALL_CREATE_PARTITION, inp)
+            if st != S.HV_STATUS_INSUFFICIENT_MEMORY:
+                break
+            assert self.deposit(ROOT_ID, self.pool_pages(1))[0] == S.HV_STATUS_SUCCESS
+        assert st == S.HV_STATUS_SUCCESS, st
+        return self.out(S.hv_output_partition_id).partition_id
+
+    def initialize(self, pid):
+        assert self.deposit(pid, self.pool_pages(208))[0] == S.HV_STATUS_SUCCESS
+        return self.fast(S.HVCALL_INITIALIZE_PARTITION, pid)
+
+    def create_vp(self, pid, index=0):
+        assert self.deposit(pid, self.pool_pages(90))[0] == S.HV_STATUS_SUCCESS
+        return self.st(S.HVCALL_CREATE_VP, S.hv_input_create_vp(partition_id=pid, vp_index=index))
+
+    def new_guest(self, vps=1, **kw):
+        pid = self.create_partition(**kw)
+        assert self.initialize(pid) == S.HV_STATUS_SUCCESS
+        for i in range(vps):
+            assert self.create_vp(pid, i) == S.HV_STATUS_SUCCESS
+        return pid
+
+    def map(self, pid, gfn, pfns, flags=None, large=False):
+        if flags is None:
+            flags = S.HV_MAP_GPA_READABLE | S.HV_MAP_GPA_WRITABLE | S.HV_MAP_GPA_EXECUTABLE
+        if large:
+            flags |= S.HV_MAP_GPA_LARGE_PAGE
+        start = 0
+        while True:
+            st, done = self.call(S.HVCALL_MAP_GPA_PAGES,
+                                 S.hv_input_map_gpa_pages(target_partition_id=pid, target_gpa_base=gfn,
+                                                          map_flags=flags),
+                                 struct.pack("<%dQ" % len(pfns), *pfns), reps=len(pfns), start=start)
+            if st == S.HV_STATUS_INSUFFICIENT_MEMORY:
+                self.deposit(pid, self.pool_pages(256))
+                start = done
+                continue
+            return st, done
+
+    def map_ram(self, pid, gfn, n, flags=None):
+        """Map n fresh root pages at gfn; returns their root PFNs."""
+        pfns = self.guest_pages(n)
+        st, _ = self.map(pid, gfn, pfns, flags)
+        assert st == S.HV_STATUS_SUCCESS, st
+        return pfns
+
+    def unmap(self, pid, gfn, n, large=False):
+        return self.call(S.HVCALL_UNMAP_GPA_PAGES,
+                         S.hv_input_unmap_gpa_pages(target_partition_id=pid, target_gpa_base=gfn,
+                                                    unmap_flags=S.HV_UNMAP_GPA_LARGE_PAGE if large else 0),
+                         reps=n)
+
+    # -------------------------------------------------------------- registers
+    def set_regs(self, pid, vp, pairs, cpu=0):
+        el = b"".join(S.hv_register_assoc(name=n, value=S.hv_register_value(low=v & U64, high=v >> 64)).to_bytes()
+                      for n, v in pairs)
+        return self.call(S.HVCALL_SET_VP_REGISTERS, S.hv_input_set_vp_registers(partition_id=pid, vp_index=vp),
+                         el, reps=len(pairs), cpu=cpu)
+
+    def get_regs(self, pid, vp, names):
+        st, _ = self.call(S.HVCALL_GET_VP_REGISTERS, S.hv_input_get_vp_registers(partition_id=pid, vp_index=vp),
+                          struct.pack("<%dI" % len(names), *names), reps=len(names))
+        assert st == S.HV_STATUS_SUCCESS, st
+        out = []
+        for i in range(len(names)):
+            v = self.out(S.hv_register_value, 16 * i)
+            out.append(v.low | (v.high << 64))
+        return out
+
+    def map_state_page(self, pid, vp, type_):
+        st = self.st(S.HVCALL_MAP_VP_STATE_PAGE, S.hv_input_map_vp_state_page(partition_id=pid, vp_index=vp,
+                                                                              type=type_))
+        assert st == S.HV_STATUS_SUCCESS, st
+        return self.out(S.hv_output_map_location).map_location << 12
+
+    def dispatch(self, pid, vp, flags=0):
+        st = self.st(S.HVCALL_DISPATCH_VP, S.hv_input_dispatch_vp(partition_id=pid, vp_index=vp, flags=flags))
+        assert st == S.HV_STATUS_SUCCESS, st
+        o = self.out(S.hv_output_dispatch_vp)
+        return o.dispatch_state, o.dispatch_event
+
+    def message(self, gpa):
+        m = S.hv_message.from_bytes(self.ram.read(gpa, 256))
+        return m.header.message_type, self.ram.read(gpa + 16, 240)
+
+    # -------------------------------------------------------------- guests
+    def real_mode_guest(self, pid, code, at=0x1000, vp=0, regs=(), pages=16):
+        """Map `pages` pages at GPA 0, put code at `at`, CS=0 base 0, RIP=at."""
+        pfns = self.map_ram(pid, 0, pages)
+        self.gwrite(pid, at, code)
+        r = [(S.HV_X64_REGISTER_CS, seg_pack((0, 0xFFFF, 0, 0x9B))), (S.HV_X64_REGISTER_RIP, at)]
+        r += list(regs)
+        assert self.set_regs(pid, vp, r)[0] == S.HV_STATUS_SUCCESS
+        return pfns
+
+    def gwrite(self, pid, gpa, data):
+        """Write guest memory through the root's view (the page the GFN maps)."""
+        part = self.hv.partitions[pid]
+        data = bytes(data)
+        while data:
+            pfn = part.gpa[gpa >> 12][0]
+            k = min(len(data), 4096 - (gpa & 0xFFF))
+            self.ram.write((pfn << 12) + (gpa & 0xFFF), data[:k])
+            data, gpa = data[k:], gpa + k
+
+    def gread(self, pid, gpa, n):
+        part = self.hv.partitions[pid]
+        pfn = part.gpa[gpa >> 12][0]
+        return self.ram.read((pfn << 12) + (gpa & 0xFFF), n)
+
+
+__all__ = ["Root", "S", "seg_pack", "table_pack", "ROOT_ID", "HV_BASE", "HV_SIZE", "IN_GPA", "OUT_GPA",
+           "make_control", "result_status", "result_reps"]
