@@ -26,9 +26,11 @@ def ioctl(fd, req, arg=None):
     if arg is None:
         return fcntl.ioctl(fd, req, 0)
     buf = bytearray(bytes(arg))
-    ret = fcntl.ioctl(fd, req, buf, True)
-    ctypes.memmove(ctypes.addressof(arg), bytes(buf), len(buf))
-    return ret
+    try:
+        return fcntl.ioctl(fd, req, buf, True)
+    finally:
+        # the kernel may write the argument back on failure too (status, sizes)
+        ctypes.memmove(ctypes.addressof(arg), bytes(buf), len(buf))
 
 
 def expect_errno(err, fn, *args):
@@ -178,6 +180,17 @@ def assert_clean(baseline_pins):
 
 # -- TAP runner -----------------------------------------------------------
 
+def _close_new_fds(before):
+    """After a failed test: close what it left open, so the next test starts clean."""
+    import gc
+    gc.collect()
+    for fd in set(os.listdir("/proc/self/fd")) - before:
+        try:
+            os.close(int(fd))
+        except OSError:
+            pass
+
+
 def run_tests(namespace, only=None):
     tests = sorted((n, f) for n, f in namespace.items() if n.startswith("test_") and callable(f))
     if only:
@@ -187,6 +200,7 @@ def run_tests(namespace, only=None):
     failed = 0
     for i, (name, fn) in enumerate(tests, 1):
         base = pinned_pages()
+        fds = set(os.listdir("/proc/self/fd"))
         try:
             fn()
             assert_clean(base)
@@ -196,6 +210,7 @@ def run_tests(namespace, only=None):
             print(f"not ok {i} - {name}")
             for line in traceback.format_exc().splitlines():
                 print(f"# {line}")
+            _close_new_fds(fds)
         sys.stdout.flush()
     print(f"# {len(tests) - failed} passed, {failed} failed")
     return 1 if failed else 0
