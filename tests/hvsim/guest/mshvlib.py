@@ -160,7 +160,10 @@ def sim_query():
 
 
 def pinned_pages():
-    """Pages pinned with FOLL_PIN and not yet released (from /proc/vmstat)."""
+    """Pages pinned with FOLL_PIN and not yet released (from /proc/vmstat).
+    The counters are per-CPU with lazy folding: refresh them first."""
+    with open("/proc/sys/vm/stat_refresh", "w") as f:
+        f.write("1")
     v = {}
     with open("/proc/vmstat") as f:
         for line in f:
@@ -179,6 +182,24 @@ def assert_clean(baseline_pins):
 
 
 # -- TAP runner -----------------------------------------------------------
+
+def _kernel_log():
+    try:
+        with open("/dev/kmsg", "rb") as f:
+            os.set_blocking(f.fileno(), False)
+            lines = []
+            while True:
+                try:
+                    rec = f.read(8192)
+                except (BlockingIOError, OSError):
+                    break
+                if not rec:
+                    break
+                lines.append(rec.decode(errors="replace").split(";", 1)[-1].strip())
+            return [ln for ln in lines if "mshv" in ln or "hvsim" in ln]
+    except OSError:
+        return []
+
 
 def _close_new_fds(before):
     """After a failed test: close what it left open, so the next test starts clean."""
@@ -211,6 +232,8 @@ def run_tests(namespace, only=None):
             for line in traceback.format_exc().splitlines():
                 print(f"# {line}")
             _close_new_fds(fds)
+            for line in _kernel_log()[-15:]:
+                print(f"# dmesg: {line}")
         sys.stdout.flush()
     print(f"# {len(tests) - failed} passed, {failed} failed")
     return 1 if failed else 0
