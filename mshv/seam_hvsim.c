@@ -29,7 +29,9 @@
 #include <linux/mm.h>
 #include <linux/percpu.h>
 #include <linux/seq_file.h>
+#include <linux/module.h>
 #include <linux/slab.h>
+#include <linux/uaccess.h>
 
 #include "mshvr_hv_types.h"
 #include "seam.h"
@@ -191,6 +193,39 @@ static int hvsim_query_show(struct seq_file *m, void *v)
 }
 DEFINE_SHOW_ATTRIBUTE(hvsim_query);
 
+/*
+ * debugfs mshv_hvsim/control: a write is one command for the simulator's
+ * fault injection (e.g. "fail_next map_gpa_pages HV_STATUS_INVALID_PARAMETER 2").
+ */
+static ssize_t hvsim_control_write(struct file *f, const char __user *ubuf, size_t len,
+				   loff_t *ppos)
+{
+	unsigned long page;
+	u64 gpa, size = len, err = 0;
+	int ret;
+
+	if (len == 0 || len >= PAGE_SIZE)
+		return -EINVAL;
+	page = get_zeroed_page(GFP_KERNEL | GFP_DMA32);
+	if (!page)
+		return -ENOMEM;
+	if (copy_from_user((void *)page, ubuf, len)) {
+		free_page(page);
+		return -EFAULT;
+	}
+	gpa = virt_to_phys((void *)page);
+	ret = hvsim_op(MSHVR_HVSIM_OP_CONTROL, &gpa, &size, &err);
+	free_page(page);
+	if (ret)
+		return ret;
+	return err ? -EINVAL : len;
+}
+
+static const struct file_operations hvsim_control_fops = {
+	.owner = THIS_MODULE,
+	.write = hvsim_control_write,
+};
+
 static void hvsim_free_pages(void)
 {
 	unsigned int cpu;
@@ -248,6 +283,7 @@ int mshvr_seam_init(void)
 	}
 	hvsim_debugfs = debugfs_create_dir("mshv_hvsim", NULL);
 	debugfs_create_file("query", 0400, hvsim_debugfs, NULL, &hvsim_query_fops);
+	debugfs_create_file("control", 0200, hvsim_debugfs, NULL, &hvsim_control_fops);
 	return 0;
 err:
 	mshvr_seam_exit();

@@ -7,22 +7,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hvsim"))
-from harness import SuiteRun, ensure_module, guest_tests, kernels  # noqa: E402
+from harness import guest_tests, suite_fixture  # noqa: E402
 
-SUITE = "hvcalls"
-_runs = {}
-
-
-@pytest.fixture(scope="module", params=[(k, s) for k in kernels() for s in ("root", "core")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
-def suite_run(request):
-    key = request.param
-    if key not in _runs:
-        ensure_module()
-        _runs[key] = SuiteRun(SUITE, *key)
-    return _runs[key]
+suite_run = suite_fixture("hvcalls")
 
 
-@pytest.mark.parametrize("name", guest_tests(SUITE))
+@pytest.mark.parametrize("name", guest_tests("hvcalls"))
 def test_hvcall_family(suite_run, name):
     suite_run.check(name)

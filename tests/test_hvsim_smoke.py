@@ -7,23 +7,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hvsim"))
-from harness import SuiteRun, ensure_module, guest_tests, kernels  # noqa: E402
+from harness import guest_tests, suite_fixture  # noqa: E402
 
-SUITE = "smoke"
-_runs = {}
-
-
-@pytest.fixture(scope="module", params=[(k, s) for k in kernels() for s in ("root", "core")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
-def smoke_run(request):
-    key = request.param
-    if key not in _runs:
-        ensure_module()
-        _runs[key] = SuiteRun(SUITE, *key)
-    return _runs[key]
+smoke_run = suite_fixture("smoke")
 
 
-@pytest.mark.parametrize("name", guest_tests(SUITE))
+@pytest.mark.parametrize("name", guest_tests("smoke"))
 def test_smoke(smoke_run, name):
     smoke_run.check(name)
 

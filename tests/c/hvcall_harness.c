@@ -8,31 +8,16 @@
  * and Linux's headers), so a spec or generator mistake shows up as a failure.
  */
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "mshvr_hvcall.h"
+#include "tap.h"
 
 int shim_warnings;
 int shim_might_sleep;
 
-static int tests_run, tests_failed;
-
-static void ok(int cond, const char *fmt, ...)
-{
-	va_list ap;
-
-	tests_run++;
-	if (!cond)
-		tests_failed++;
-	printf("%s %d - ", cond ? "ok" : "not ok", tests_run);
-	va_start(ap, fmt);
-	vprintf(fmt, ap);
-	va_end(ap);
-	printf("\n");
-}
 
 /* ---- the driver side the wrappers expect -------------------------------- */
 
@@ -474,6 +459,5 @@ int main(void)
 	test_varhead();
 	test_mbz_guard();
 	test_tables();
-	printf("1..%d\n", tests_run);
-	return tests_failed ? 1 : 0;
+	return tap_done();
 }

@@ -6,12 +6,12 @@
  * from the spec, so a spec mistake shows up as a failure. Prints TAP.
  */
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "mshvr_ioctl.h"
+#include "tap.h"
 
 struct file { int dummy; };
 struct mshvr_partition { int dummy; };
@@ -20,21 +20,6 @@ struct mshvr_vp { int dummy; };
 size_t shim_user_limit = (size_t)-1;
 int shim_user_copies_in, shim_user_copies_out, shim_allocs;
 
-static int tests_run, tests_failed;
-
-static void ok(int cond, const char *fmt, ...)
-{
-	va_list ap;
-
-	tests_run++;
-	if (!cond)
-		tests_failed++;
-	printf("%s %d - ", cond ? "ok" : "not ok", tests_run);
-	va_start(ap, fmt);
-	vprintf(fmt, ap);
-	va_end(ap);
-	printf("\n");
-}
 
 /* ---- recording handlers --------------------------------------------------- */
 
@@ -383,6 +368,5 @@ int main(void)
 	test_msi_routing();
 	test_root_hvcall();
 	test_vp();
-	printf("1..%d\n", tests_run);
-	return tests_failed ? 1 : 0;
+	return tap_done();
 }

@@ -90,3 +90,21 @@ class SuiteRun:
             raise AssertionError(
                 f"{name} failed in the guest ({self.kernel}, {self.scheduler}):\n" + "\n".join(diag)
                 + f"\n--- guest console ---\n{self.console[-6000:]}\n--- simulator log ---\n{self.sim_log}")
+
+
+def suite_fixture(suite):
+    """A module-scoped pytest fixture: one boot per (kernel, scheduler) for
+    `suite`, shared by all of that suite's tests."""
+    import pytest
+
+    runs = {}
+
+    @pytest.fixture(scope="module", params=[(k, s) for k in kernels() for s in ("root", "core")],
+                    ids=lambda p: f"{p[0]}-{p[1]}")
+    def fixture(request):
+        if request.param not in runs:
+            ensure_module()
+            runs[request.param] = SuiteRun(suite, *request.param)
+        return runs[request.param]
+
+    return fixture

@@ -125,10 +125,34 @@ class Simulator:
                 text = text[:req.arg1]
             mem.write(req.arg0, text)
             req.arg2 = len(text)
+        elif op == S.HVSIM_OP_CONTROL:
+            req.arg2 = self.control(mem.read(req.arg0, req.arg1).decode())
         else:
             raise ValueError(f"unknown hvsim op {op}")
         # write back everything but the state word (the transport sets it last)
         mem.write(gpa + 8, bytes(req)[8:])
+
+    def control(self, command):
+        """Fault injection from inside the root (debugfs mshv_hvsim/control):
+        'fail_next <hypercall> <HV_STATUS_x> [nth]', 'insufficient_memory_once
+        <hypercall>', 'rep_limit <n> [hypercall]', 'reset'. Returns 0 or 1."""
+        words = command.split()
+        try:
+            if words[0] == "fail_next":
+                nth = int(words[3]) if len(words) > 3 else 1
+                self.hv.fail_next(S.HVCALL_BY_NAME[words[1]], getattr(S, words[2]), nth=nth)
+            elif words[0] == "insufficient_memory_once":
+                self.hv.insufficient_memory_once(S.HVCALL_BY_NAME[words[1]])
+            elif words[0] == "rep_limit":
+                code = S.HVCALL_BY_NAME[words[2]] if len(words) > 2 else None
+                self.hv.set_rep_limit(int(words[1]), code=code)
+            elif words[0] == "reset":
+                self.hv.reset_faults()
+            else:
+                return 1
+        except (IndexError, KeyError, AttributeError, ValueError):
+            return 1
+        return 0
 
     def report(self):
         """The introspection report tests read (debugfs mshv_hvsim/query):

@@ -159,6 +159,12 @@ def sim_query():
         return json.loads(f.read())
 
 
+def sim_control(command):
+    """Fault injection in the simulator (debugfs mshv_hvsim/control)."""
+    with open("/sys/kernel/debug/mshv_hvsim/control", "w") as f:
+        f.write(command)
+
+
 def pinned_pages():
     """Pages pinned with FOLL_PIN and not yet released (from /proc/vmstat).
     The counters are per-CPU with lazy folding: refresh them first."""

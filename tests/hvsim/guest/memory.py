@@ -1,0 +1,136 @@
+"""Guest memory (MSHV_SET_GUEST_MEMORY) as a VMM sees it: mapping, retries,
+failures that undo themselves, overlap rules, large pages. Runs inside the
+simulated root partition; TAP."""
+
+import ctypes
+import errno
+import mmap
+import os
+import sys
+
+import mshv_spec as S
+from mshvlib import (GuestMemory, Partition, expect_errno, open_mshv, pinned_pages, run_tests,
+                     sim_control, sim_query)
+
+MB2 = 2 << 20
+
+
+def _pt(flags=0):
+    mshv = open_mshv()
+    return mshv, Partition(mshv, flags=flags)
+
+
+def _done(mshv, pt):
+    pt.close()
+    os.close(mshv)
+
+
+def test_map_retries_after_insufficient_memory():
+    mshv, pt = _pt()
+    before = sim_query()["calls"].get("deposit_memory", 0)
+    sim_control("insufficient_memory_once map_gpa_pages")
+    mem = GuestMemory(8 * 4096)
+    pt.map(mem, 0x10000)
+    q = sim_query()
+    assert q["mappings"] == 8
+    assert q["calls"]["deposit_memory"] == before + 1, "one deposit of 256 pages, then the retry"
+    _done(mshv, pt)
+
+
+def test_failed_map_undoes_what_it_mapped():
+    mshv, pt = _pt()
+    pins = pinned_pages()
+    sim_control("fail_next map_gpa_pages HV_STATUS_INVALID_PARAMETER 2")
+    mem = GuestMemory(600 * 4096)        # two MapGpaPages calls: 509 + 91
+    expect_errno(errno.EINVAL, pt.map, mem, 0x100000)
+    assert sim_query()["mappings"] == 0, "the first 509 pages were unmapped again"
+    assert pinned_pages() == pins, "and unpinned"
+    _done(mshv, pt)
+
+
+def test_map_resumes_partial_rep_completion():
+    mshv, pt = _pt()
+    sim_control("rep_limit 100 map_gpa_pages")
+    try:
+        mem = GuestMemory(300 * 4096)
+        pt.map(mem, 0x100000)
+        assert sim_query()["mappings"] == 300
+    finally:
+        sim_control("reset")
+        sim_control("rep_limit 0")
+    _done(mshv, pt)
+
+
+def test_overlapping_regions_are_refused():
+    mshv, pt = _pt()
+    a = GuestMemory(4 * 4096)
+    big = GuestMemory(16 * 4096)
+    pt.map(a, 0x104000)
+    expect_errno(errno.EEXIST, pt.map, a, 0x106000, 4 * 4096)             # overlaps the end
+    expect_errno(errno.EEXIST, pt.map, big, 0x100000)                      # encloses it
+    pt.map(big, 0x200000)                                                  # elsewhere: fine
+    _done(mshv, pt)
+
+
+def test_unmap_needs_an_exact_match():
+    mshv, pt = _pt()
+    mem = GuestMemory(4 * 4096)
+    pt.map(mem, 0x100000)
+    expect_errno(errno.EINVAL, pt.unmap, mem, 0x100000, 2 * 4096)
+    expect_errno(errno.EINVAL, pt.unmap, mem, 0x101000, 4 * 4096)
+    pt.unmap(mem, 0x100000)
+    expect_errno(errno.EINVAL, pt.unmap, mem, 0x100000)
+    _done(mshv, pt)
+
+
+def test_memory_without_a_vma_is_refused():
+    mshv, pt = _pt()
+    mem = GuestMemory(4096)
+    addr = mem.addr
+    mem.mm.close()
+    expect_errno(errno.EINVAL, pt.map, mem, 0x100000, 4096, None, addr)
+    _done(mshv, pt)
+
+
+def test_two_mib_pages_use_large_mappings():
+    mshv, pt = _pt(flags=1 << S.MSHV_PT_BIT_GPA_SUPER_PAGES)
+    # 4 MiB aligned to 2 MiB, asked for transparent huge pages
+    raw = mmap.mmap(-1, 3 * MB2, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+    start = (base + MB2 - 1) & ~(MB2 - 1)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(MB2), 14) == 0  # MADV_HUGEPAGE
+    ctypes.memset(start, 1, MB2)        # fault it in (as one huge page when THP allows)
+
+    class M:
+        size = MB2
+        addr = start
+    pt.map(M, 0x40000000)
+    q = sim_query()
+    assert q["mappings"] == 512
+    assert q["large_mappings"] == 1, f"expected one 2 MiB mapping: {q}"
+    pt.close()
+    os.close(mshv)
+
+
+def test_large_pages_need_the_partition_flag():
+    mshv, pt = _pt()                       # no GPA_SUPER_PAGES
+    raw = mmap.mmap(-1, 3 * MB2, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+    start = (base + MB2 - 1) & ~(MB2 - 1)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(MB2), 14)
+    ctypes.memset(start, 1, MB2)
+
+    class M:
+        size = MB2
+        addr = start
+    pt.map(M, 0x40000000)
+    q = sim_query()
+    assert q["mappings"] == 512 and q["large_mappings"] == 0, q
+    pt.close()
+    os.close(mshv)
+
+
+if __name__ == "__main__":
+    sys.exit(run_tests(globals(), only=sys.argv[1:] or None))
