@@ -198,10 +198,11 @@ def render_h(spec):
             if c.fd == fdname:
                 out.append(c.proto())
         out.append("")
-    out.append("/* UAPI flag bits to the hypervisor flags they stand for */")
+    out.append("/* UAPI flag bits (or values) to the hypervisor flags (values) they stand for;")
+    out.append(" * a value without a mapping gives U64_MAX */")
     for e in spec.uapi.enums:
         if e.maps_to or e.maps_always:
-            out.append(f"u64 mshvr_map_{e.name}(u64 bits);")
+            out.append(f"u64 mshvr_map_{e.name}(u64 {'bits' if e.mask else 'value'});")
     out.append("")
     out.append("#endif /* _MSHVR_IOCTL_H */")
     return "\n".join(out) + "\n"
@@ -223,6 +224,12 @@ def render_c(spec):
     out.append("")
     for e in spec.uapi.enums:
         if not (e.maps_to or e.maps_always):
+            continue
+        if not e.mask:
+            out.append(f"u64 mshvr_map_{e.name}(u64 value)\n{{\n\tswitch (value) {{")
+            for k, v in e.maps_to.items():
+                out.append(f"\tcase {k}:\n\t\treturn MSHVR_{v};")
+            out.append("\tdefault:\n\t\treturn U64_MAX;\n\t}\n}\n")
             continue
         out.append(f"u64 mshvr_map_{e.name}(u64 bits)\n{{")
         always = " | ".join(f"MSHVR_{v}" for v in e.maps_always) or "0"

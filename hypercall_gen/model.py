@@ -384,8 +384,10 @@ class UapiEnum(Node):
         self.maps_always = list(raw.get("maps_always", []))
 
     def resolve(self, spec):
-        if (self.maps_to or self.maps_always) and not self.mask:
-            _err(f"{self.src}.maps_to", "only bit enums (with a mask) map to hypervisor flags")
+        if self.maps_always and not self.mask:
+            _err(f"{self.src}.maps_always", "only bit enums (with a mask) have flags to always add")
+        if self.maps_to and not self.mask and set(self.maps_to) != set(self.values):
+            _err(f"{self.src}.maps_to", "a value enum must map every value")
         for k, v in self.maps_to.items():
             if k not in self.values:
                 _err(f"{self.src}.maps_to", f"'{k}' is not a value of {self.name}")

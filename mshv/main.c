@@ -54,16 +54,6 @@ long mshv_partition_ioctl_get_gpap_access_bitmap(struct mshvr_partition *ctx,
 	return -EOPNOTSUPP;
 }
 
-long mshv_vp_ioctl_get_vp_state(struct mshvr_vp *ctx, struct mshv_get_set_vp_state *arg)
-{
-	return -EOPNOTSUPP;
-}
-
-long mshv_vp_ioctl_set_vp_state(struct mshvr_vp *ctx, struct mshv_get_set_vp_state *arg)
-{
-	return -EOPNOTSUPP;
-}
-
 static int mshvr_query_scheduler(void)
 {
 	struct mshvr_hv_output_get_system_property out;

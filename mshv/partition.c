@@ -64,6 +64,11 @@ static void mshvr_partition_destroy(struct mshvr_partition *pt)
 	synchronize_rcu();
 
 	xa_for_each(&pt->vps, idx, vp) {
+		/* hypervisor scheduler: make sure the VP is stopped before its pages go */
+		if (mshvr_scheduler != MSHVR_HV_SCHEDULER_TYPE_ROOT &&
+		    mshvr_set_vp_register(pt, vp->index, MSHVR_HV_REGISTER_EXPLICIT_SUSPEND, 1))
+			pr_err("partition %llu vp %u: could not suspend for teardown\n",
+			       pt->id, vp->index);
 		xa_erase(&pt->vps, idx);
 		mshvr_vp_destroy(vp);
 	}

@@ -4,6 +4,9 @@
  */
 #include "mshv_root.h"
 
+#include <linux/bitops.h>
+#include <linux/minmax.h>
+
 #include "seam.h"
 
 /* Hard-IRQ context, on behalf of root CPU @cpu (see seam.h). */
@@ -20,6 +23,34 @@ void mshvr_synic_isr(unsigned int cpu, void *simp, void *siefp)
 		const struct mshvr_hv_opaque_intercept_message *m = (const void *)msg->payload;
 
 		mshvr_vp_kick(msg->header.sender, m->vp_index);
+		break;
+	}
+	case MSHVR_HVMSG_SCHEDULER_VP_SIGNAL_PAIR: {
+		const struct mshvr_hv_vp_signal_pair_scheduler_message *m = (const void *)msg->payload;
+		unsigned int i, n = min_t(unsigned int, m->vp_count, ARRAY_SIZE(m->vp_indexes));
+
+		for (i = 0; i < n; i++)
+			mshvr_vp_kick(m->partition_ids[i], m->vp_indexes[i]);
+		break;
+	}
+	case MSHVR_HVMSG_SCHEDULER_VP_SIGNAL_BITSET: {
+		const struct mshvr_hv_vp_signal_bitset_scheduler_message *m = (const void *)msg->payload;
+		unsigned int bank = 0, b;
+
+		/* sparse 4K format: each set bit of the mask names a 64-VP bank */
+		for (b = 0; b < 64 && bank < ARRAY_SIZE(m->bank_contents); b++) {
+			u64 bits;
+
+			if (!(m->valid_bank_mask & BIT_ULL(b)))
+				continue;
+			bits = m->bank_contents[bank++];
+			while (bits) {
+				unsigned int v = __ffs64(bits);
+
+				bits &= bits - 1;
+				mshvr_vp_kick(m->partition_id, b * 64 + v);
+			}
+		}
 		break;
 	}
 	default:

@@ -13,6 +13,7 @@
 #include <linux/module.h>
 #include <linux/sched/signal.h>
 #include <linux/slab.h>
+#include <linux/uaccess.h>
 
 #include "mshvr_hvcall.h"
 #include "mshvr_ioctl.h"
@@ -292,4 +293,109 @@ long mshv_vp_ioctl_run_vp(struct mshvr_vp *vp, struct mshv_run_vp *arg)
 	BUILD_BUG_ON(sizeof(arg->msg_buf) != sizeof(*vp->msg_page));
 	memcpy(arg->msg_buf, vp->msg_page, sizeof(arg->msg_buf));
 	return 0;
+}
+
+static int mshvr_get_partition_property(struct mshvr_partition *pt, u32 code, u64 *value)
+{
+	struct mshvr_hv_output_get_partition_property out;
+	int ret;
+
+	ret = mshvr_hvcall_get_partition_property(pt->id, code, &out, NULL);
+	if (!ret)
+		*value = out.property_value;
+	return ret;
+}
+
+/* Largest state that goes to the hypervisor as a page list in one call */
+#define MSHVR_VP_STATE_MAX_PAGES \
+	((MSHVR_HV_PAGE_SIZE - sizeof(struct mshvr_hv_input_get_vp_state)) / sizeof(u64))
+
+/*
+ * MSHV_GET/SET_VP_STATE. buf_sz is overwritten with the state's size before
+ * the buffer is checked, so a too-small buffer fails with -EINVAL and tells
+ * the caller what it needs (the dispatch copies the argument back always).
+ */
+static long mshvr_vp_state(struct mshvr_vp *vp, struct mshv_get_set_vp_state *a, bool set)
+{
+	struct mshvr_partition *pt = vp->partition;
+	struct mshvr_hv_synthetic_timers_state timers;
+	u32 type = (u32)mshvr_map_mshv_vp_state(a->type);
+	u64 size = PAGE_SIZE, xsave_states = 0, *pfns = NULL;
+	u32 given = a->buf_sz, npages, i;
+	struct page **pages = NULL;
+	long ret;
+	int pinned;
+
+	if (a->type == MSHV_VP_STATE_SYNTHETIC_TIMERS) {
+		size = sizeof(timers);
+	} else if (a->type == MSHV_VP_STATE_XSAVE) {
+		ret = mshvr_get_partition_property(pt, MSHVR_HV_PARTITION_PROPERTY_MAX_XSAVE_DATA_SIZE,
+						   &size);
+		if (!ret)
+			ret = mshvr_get_partition_property(pt, MSHVR_HV_PARTITION_PROPERTY_XSAVE_STATES,
+							   &xsave_states);
+		if (ret)
+			return ret;
+	}
+	npages = DIV_ROUND_UP(size, PAGE_SIZE);
+	a->buf_sz = size;
+	if (!a->buf_ptr || !PAGE_ALIGNED(a->buf_ptr) || !PAGE_ALIGNED(given) ||
+	    given < (u64)npages * PAGE_SIZE)
+		return -EINVAL;
+
+	if (a->type == MSHV_VP_STATE_SYNTHETIC_TIMERS) {
+		if (set) {
+			if (copy_from_user(&timers, u64_to_user_ptr(a->buf_ptr), sizeof(timers)))
+				return -EFAULT;
+			return mshvr_hvcall_set_vp_state(pt->id, vp->index, 0, type, 0, 0,
+							 (u64 *)&timers,
+							 DIV_ROUND_UP(sizeof(timers), sizeof(u64)), NULL);
+		}
+		ret = mshvr_hvcall_get_vp_state(pt->id, vp->index, 0, type, 0, 0, &timers,
+						NULL, 0, NULL);
+		if (!ret && copy_to_user(u64_to_user_ptr(a->buf_ptr), &timers, sizeof(timers)))
+			ret = -EFAULT;
+		return ret;
+	}
+
+	if (npages > MSHVR_VP_STATE_MAX_PAGES)
+		return -E2BIG;
+	pages = kcalloc(npages, sizeof(*pages), GFP_KERNEL);
+	pfns = kcalloc(npages, sizeof(*pfns), GFP_KERNEL);
+	if (!pages || !pfns) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	/* the hypervisor reads (set) or writes (get) the user's pages directly */
+	pinned = pin_user_pages_fast(a->buf_ptr, npages, set ? 0 : FOLL_WRITE, pages);
+	if (pinned != npages) {
+		ret = pinned < 0 ? pinned : -EFAULT;
+		if (pinned > 0)
+			unpin_user_pages(pages, pinned);
+		goto out;
+	}
+	for (i = 0; i < npages; i++)
+		pfns[i] = page_to_pfn(pages[i]);
+	if (set) {
+		ret = mshvr_hvcall_set_vp_state(pt->id, vp->index, 0, type, 0, xsave_states,
+						pfns, npages, NULL);
+	} else {
+		ret = mshvr_hvcall_get_vp_state(pt->id, vp->index, 0, type, 0, xsave_states,
+						&timers, pfns, npages, NULL);
+	}
+	unpin_user_pages_dirty_lock(pages, npages, !set);
+out:
+	kfree(pages);
+	kfree(pfns);
+	return ret;
+}
+
+long mshv_vp_ioctl_get_vp_state(struct mshvr_vp *vp, struct mshv_get_set_vp_state *arg)
+{
+	return mshvr_vp_state(vp, arg, false);
+}
+
+long mshv_vp_ioctl_set_vp_state(struct mshvr_vp *vp, struct mshv_get_set_vp_state *arg)
+{
+	return mshvr_vp_state(vp, arg, true);
 }

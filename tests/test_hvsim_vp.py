@@ -1,0 +1,17 @@
+"""Virtual processor behaviour (tests/hvsim/guest/vp.py) in the simulated
+root, for each kernel and both scheduler modes."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "hvsim"))
+from harness import guest_tests, suite_fixture  # noqa: E402
+
+suite_run = suite_fixture("vp")
+
+
+@pytest.mark.parametrize("name", guest_tests("vp"))
+def test_vp(suite_run, name):
+    suite_run.check(name)
