@@ -6,9 +6,15 @@
  * 2 MiB aligned, physically contiguous, partition created with GPA super
  * pages) goes to the hypervisor with HV_MAP_GPA_LARGE_PAGE and one frame
  * number per 2 MiB; anything else in 4 KiB pages. All under partition->lock.
+ *
+ * A VM_IO/VM_PFNMAP mapping (a device BAR mmapped through sysfs or VFIO) is
+ * MMIO: mapped uncached, never pinned. Its host frame is taken from
+ * vma->vm_pgoff, the convention those mmap implementations follow; a range
+ * that contains RAM is refused.
  */
 #include "mshv_root.h"
 
+#include <linux/ioport.h>
 #include <linux/mm.h>
 #include <linux/sched/mm.h>
 #include <linux/slab.h>
@@ -22,7 +28,8 @@ static bool mshvr_region_large_at(const struct mshvr_partition *pt,
 	unsigned long pfn;
 	u64 k;
 
-	if (!(pt->hv_flags & MSHVR_HV_PARTITION_CREATION_FLAG_GPA_SUPER_PAGES_ENABLED))
+	if (!r->pages ||
+	    !(pt->hv_flags & MSHVR_HV_PARTITION_CREATION_FLAG_GPA_SUPER_PAGES_ENABLED))
 		return false;
 	if ((r->start_gfn + i) % MSHVR_LARGE_PAGES || i + MSHVR_LARGE_PAGES > r->nr_pages)
 		return false;
@@ -85,7 +92,7 @@ static int mshvr_region_hv_map(struct mshvr_partition *pt, struct mshvr_region *
 		j = mshvr_region_run(pt, r, i, r->nr_pages, &large);
 		n = 0;
 		for (k = i; k < j; k += large ? MSHVR_LARGE_PAGES : 1)
-			pfns[n++] = page_to_pfn(r->pages[k]);
+			pfns[n++] = r->pages ? page_to_pfn(r->pages[k]) : r->mmio_pfn + k;
 		done = 0;
 		ret = mshvr_hvcall_map_gpa_pages(pt->id, r->start_gfn + i,
 						 r->hv_flags | (large ? MSHVR_HV_MAP_GPA_LARGE_PAGE : 0),
@@ -105,7 +112,7 @@ static int mshvr_region_hv_map(struct mshvr_partition *pt, struct mshvr_region *
 
 static void mshvr_region_free(struct mshvr_region *r, u64 pinned)
 {
-	if (pinned)
+	if (pinned && r->pages)
 		unpin_user_pages_dirty_lock(r->pages, pinned,
 					    r->hv_flags & MSHVR_HV_MAP_GPA_WRITABLE);
 	kvfree(r->pages);
@@ -153,7 +160,7 @@ static int mshvr_region_pin(struct mshvr_region *r, u64 *pinned)
 
 int mshvr_region_map(struct mshvr_partition *pt, const struct mshv_user_mem_region *arg)
 {
-	u64 nr = arg->size >> PAGE_SHIFT, pinned = 0;
+	u64 nr = arg->size >> PAGE_SHIFT, pinned = 0, mmio_pfn = 0, i;
 	struct mshvr_region *r;
 	struct vm_area_struct *vma;
 	bool io;
@@ -169,11 +176,21 @@ int mshvr_region_map(struct mshvr_partition *pt, const struct mshv_user_mem_regi
 	mmap_read_lock(current->mm);
 	vma = vma_lookup(current->mm, arg->userspace_addr);
 	io = vma && (vma->vm_flags & (VM_IO | VM_PFNMAP));
+	if (io) {
+		/* the whole range must lie in this one device mapping */
+		if (arg->userspace_addr + arg->size > vma->vm_end)
+			vma = NULL;
+		else
+			mmio_pfn = vma->vm_pgoff + ((arg->userspace_addr - vma->vm_start) >> PAGE_SHIFT);
+	}
 	mmap_read_unlock(current->mm);
 	if (!vma)
 		return -EINVAL;
-	if (io)
-		return -EOPNOTSUPP;	/* MMIO regions arrive with the driver issue */
+	if (io) {
+		for (i = 0; i < nr; i++)
+			if (page_is_ram(mmio_pfn + i))
+				return -EINVAL;
+	}
 
 	r = kzalloc(sizeof(*r), GFP_KERNEL_ACCOUNT);
 	if (!r)
@@ -181,6 +198,18 @@ int mshvr_region_map(struct mshvr_partition *pt, const struct mshv_user_mem_regi
 	r->start_gfn = arg->guest_pfn;
 	r->nr_pages = nr;
 	r->uaddr = arg->userspace_addr;
+	if (io) {
+		r->mmio_pfn = mmio_pfn;
+		r->hv_flags = MSHVR_HV_MAP_GPA_READABLE | MSHVR_HV_MAP_GPA_WRITABLE |
+			      MSHVR_HV_MAP_GPA_NOT_CACHED;
+		ret = mshvr_region_hv_map(pt, r);
+		if (ret) {
+			kfree(r);
+			return ret;
+		}
+		list_add_tail(&r->node, &pt->regions);
+		return 0;
+	}
 	r->hv_flags = (u32)mshvr_map_mshv_set_mem_bit(arg->flags);
 	r->pages = kvcalloc(nr, sizeof(*r->pages), GFP_KERNEL_ACCOUNT);
 	if (!r->pages) {

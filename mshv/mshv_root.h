@@ -41,7 +41,8 @@ struct mshvr_region {
 	u64 nr_pages;
 	u64 uaddr;
 	u32 hv_flags;		/* HV_MAP_GPA_* of the mapping (without LARGE_PAGE) */
-	struct page **pages;	/* nr_pages pinned pages */
+	struct page **pages;	/* nr_pages pinned pages; NULL for MMIO */
+	u64 mmio_pfn;		/* MMIO: first host frame (VM_IO/VM_PFNMAP, not pinned) */
 };
 
 /*

@@ -132,5 +132,54 @@ def test_large_pages_need_the_partition_flag():
     os.close(mshv)
 
 
+def _mmio_bar():
+    """(resource file, bus address) of a PCI memory BAR in the root."""
+    import glob
+    for dev in sorted(glob.glob("/sys/bus/pci/devices/*")):
+        with open(f"{dev}/resource") as f:
+            for n, line in enumerate(f):
+                start, end, flags = (int(x, 16) for x in line.split())
+                if flags & 0x200 and end - start + 1 >= 4096 and os.path.exists(f"{dev}/resource{n}"):
+                    return f"{dev}/resource{n}", start
+    raise AssertionError("no PCI memory BAR in the root to map")
+
+
+def test_mmio_region_is_mapped_uncached_without_pinning():
+    path, _bus = _mmio_bar()
+    fd = os.open(path, os.O_RDWR | os.O_SYNC)
+    bar = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    mshv, pt = _pt()
+    pins = pinned_pages()
+
+    class M:
+        size = 4096
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(bar))
+    pt.map(M, 0xF0000000)
+    assert sim_query()["mappings"] == 1
+    assert pinned_pages() == pins, "MMIO is not pinned"
+    pt.unmap(M, 0xF0000000)
+    assert sim_query()["mappings"] == 0
+    del M
+    _done(mshv, pt)
+    bar.close()
+    os.close(fd)
+
+
+def test_mmio_region_must_fit_its_mapping():
+    path, _bus = _mmio_bar()
+    fd = os.open(path, os.O_RDWR | os.O_SYNC)
+    bar = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    mshv, pt = _pt()
+
+    class M:
+        size = 2 * 4096                  # one page past the device mapping
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(bar))
+    expect_errno(errno.EINVAL, pt.map, M, 0xF0000000)
+    del M
+    _done(mshv, pt)
+    bar.close()
+    os.close(fd)
+
+
 if __name__ == "__main__":
     sys.exit(run_tests(globals(), only=sys.argv[1:] or None))
