@@ -48,12 +48,6 @@ long mshv_partition_ioctl_set_msi_routing(struct mshvr_partition *ctx,
 	return -EOPNOTSUPP;
 }
 
-long mshv_partition_ioctl_get_gpap_access_bitmap(struct mshvr_partition *ctx,
-						 struct mshv_gpap_access_bitmap *arg)
-{
-	return -EOPNOTSUPP;
-}
-
 static int mshvr_query_scheduler(void)
 {
 	struct mshvr_hv_output_get_system_property out;

@@ -18,6 +18,7 @@
 #include <linux/mm.h>
 #include <linux/sched/mm.h>
 #include <linux/slab.h>
+#include <linux/uaccess.h>
 
 #include "mshvr_hvcall.h"
 #include "mshvr_ioctl.h"
@@ -239,4 +240,61 @@ int mshvr_region_unmap(struct mshvr_partition *pt, const struct mshv_user_mem_re
 		}
 	}
 	return -EINVAL;
+}
+
+/* Pages whose states one chunk of MSHV_GET_GPAP_ACCESS_BITMAP handles */
+#define MSHVR_GPAP_CHUNK	(8 * PAGE_SIZE)
+
+#define GPAP_F(f)	MSHVR_HV_INPUT_GET_GPA_PAGES_ACCESS_STATE_FLAGS_##f##_MASK
+
+/*
+ * MSHV_GET_GPAP_ACCESS_BITMAP: one bit per page (accessed or dirty), read
+ * in chunks, then optionally cleared or set. NOOP leaves the states alone
+ * (upstream set them). Clearing "accessed" clears "dirty" too and setting
+ * "dirty" sets "accessed", as a page cannot be dirty without being accessed.
+ */
+long mshv_partition_ioctl_get_gpap_access_bitmap(struct mshvr_partition *pt,
+						 struct mshv_gpap_access_bitmap *a)
+{
+	bool dirty = a->access_type == MSHV_GPAP_ACCESS_TYPE_DIRTY;
+	u8 bit = dirty ? MSHVR_HV_GPA_PAGE_ACCESS_STATE_DIRTY : MSHVR_HV_GPA_PAGE_ACCESS_STATE_ACCESSED;
+	u8 __user *ubitmap = u64_to_user_ptr(a->bitmap_ptr);
+	u64 flags = 0, done = 0;
+	u8 *states, *bitmap;
+	long ret = 0;
+
+	if (a->gpap_base + a->page_count < a->gpap_base)
+		return -EINVAL;
+	if (a->access_op == MSHV_GPAP_ACCESS_OP_CLEAR)
+		flags = dirty ? GPAP_F(CLEAR_DIRTY) : GPAP_F(CLEAR_ACCESSED) | GPAP_F(CLEAR_DIRTY);
+	else if (a->access_op == MSHV_GPAP_ACCESS_OP_SET)
+		flags = dirty ? GPAP_F(SET_DIRTY) | GPAP_F(SET_ACCESSED) : GPAP_F(SET_ACCESSED);
+
+	states = kvmalloc(MSHVR_GPAP_CHUNK, GFP_KERNEL);
+	bitmap = kmalloc(MSHVR_GPAP_CHUNK / 8, GFP_KERNEL);
+	if (!states || !bitmap) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	while (done < a->page_count) {
+		u32 n = min_t(u64, a->page_count - done, MSHVR_GPAP_CHUNK), i;
+
+		ret = mshvr_hvcall_get_gpa_pages_access_states(pt->id, flags, a->gpap_base + done,
+							       states, n, NULL, NULL);
+		if (ret)
+			break;
+		memset(bitmap, 0, DIV_ROUND_UP(n, 8));
+		for (i = 0; i < n; i++)
+			if (states[i] & bit)
+				bitmap[i / 8] |= 1 << (i % 8);
+		if (copy_to_user(ubitmap + done / 8, bitmap, DIV_ROUND_UP(n, 8))) {
+			ret = -EFAULT;
+			break;
+		}
+		done += n;
+	}
+out:
+	kvfree(states);
+	kfree(bitmap);
+	return ret;
 }

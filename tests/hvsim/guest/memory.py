@@ -9,7 +9,7 @@ import os
 import sys
 
 import mshv_spec as S
-from mshvlib import (GuestMemory, Partition, expect_errno, open_mshv, pinned_pages, run_tests,
+from mshvlib import (GuestMemory, Partition, expect_errno, ioctl, open_mshv, pinned_pages, run_tests,
                      sim_control, sim_query)
 
 MB2 = 2 << 20
@@ -130,6 +130,57 @@ def test_large_pages_need_the_partition_flag():
     assert q["mappings"] == 512 and q["large_mappings"] == 0, q
     pt.close()
     os.close(mshv)
+
+
+def _bitmap(pt, base_gfn, count, kind, op):
+    out = ctypes.create_string_buffer((count + 7) // 8 + 8)
+    ctypes.memset(out, 0xEE, len(out))            # stale bytes must be overwritten
+    a = S.mshv_gpap_access_bitmap(access_type=kind, access_op=op, page_count=count,
+                                  gpap_base=base_gfn, bitmap_ptr=ctypes.addressof(out))
+    ioctl(pt.fd, S.MSHV_GET_GPAP_ACCESS_BITMAP, a)
+    return out.raw[:(count + 7) // 8], out.raw[(count + 7) // 8:]
+
+
+def test_gpap_bitmap_read_clear_and_set():
+    mshv, pt = _pt()
+    mem = GuestMemory(13 * 4096)
+    pt.map(mem, 0x100000)
+    base = 0x100000 // 4096
+    A, D = S.MSHV_GPAP_ACCESS_TYPE_ACCESSED, S.MSHV_GPAP_ACCESS_TYPE_DIRTY
+    bits, tail = _bitmap(pt, base, 13, D, S.MSHV_GPAP_ACCESS_OP_NOOP)
+    assert bits == b"\xff\x1f", bits.hex()                      # 13 pages, unused bits zero
+    assert tail == b"\xee" * 8, "nothing written past the bitmap"
+    assert _bitmap(pt, base, 13, D, S.MSHV_GPAP_ACCESS_OP_NOOP)[0] == b"\xff\x1f", "NOOP keeps bits"
+    _bitmap(pt, base, 13, D, S.MSHV_GPAP_ACCESS_OP_CLEAR)
+    assert _bitmap(pt, base, 13, D, S.MSHV_GPAP_ACCESS_OP_NOOP)[0] == b"\x00\x00"
+    assert _bitmap(pt, base, 13, A, S.MSHV_GPAP_ACCESS_OP_NOOP)[0] == b"\xff\x1f", \
+        "clearing dirty leaves accessed"
+    _bitmap(pt, base + 8, 2, D, S.MSHV_GPAP_ACCESS_OP_SET)
+    assert _bitmap(pt, base, 13, D, S.MSHV_GPAP_ACCESS_OP_NOOP)[0] == b"\x00\x03"
+    _bitmap(pt, base, 13, A, S.MSHV_GPAP_ACCESS_OP_CLEAR)
+    assert _bitmap(pt, base, 13, D, S.MSHV_GPAP_ACCESS_OP_NOOP)[0] == b"\x00\x00", \
+        "clearing accessed clears dirty too"
+    assert _bitmap(pt, base + 13, 3, A, S.MSHV_GPAP_ACCESS_OP_NOOP)[0] == b"\x00", "unmapped pages"
+    _done(mshv, pt)
+
+
+def test_gpap_bitmap_argument_errors():
+    mshv, pt = _pt()
+    out = ctypes.create_string_buffer(8)
+    for kw in (dict(access_type=2), dict(access_op=3), dict(page_count=0), dict(bitmap_ptr=0)):
+        a = dict(access_type=0, access_op=0, page_count=1, gpap_base=0,
+                 bitmap_ptr=ctypes.addressof(out))
+        a.update(kw)
+        expect_errno(errno.EINVAL, ioctl, pt.fd, S.MSHV_GET_GPAP_ACCESS_BITMAP,
+                     S.mshv_gpap_access_bitmap(**a))
+    a = S.mshv_gpap_access_bitmap(page_count=1, bitmap_ptr=ctypes.addressof(out))
+    a.rsvd[5] = 1
+    expect_errno(errno.EINVAL, ioctl, pt.fd, S.MSHV_GET_GPAP_ACCESS_BITMAP, a)
+    mem = GuestMemory(4096)
+    pt.map(mem, 0)
+    expect_errno(errno.EFAULT, ioctl, pt.fd, S.MSHV_GET_GPAP_ACCESS_BITMAP,
+                 S.mshv_gpap_access_bitmap(page_count=1, bitmap_ptr=8))
+    _done(mshv, pt)
 
 
 def _mmio_bar():

@@ -674,10 +674,12 @@ class Hypervisor:
                 p.l2[gfn >> 18] += 1
                 for j in range(512):
                     p.gpa[gfn + j] = [pfn + j, flags & ~S.HV_MAP_GPA_LARGE_PAGE, gfn]
+                    p.__dict__.get("access_states", {}).pop(gfn + j, None)
                     self.mapped[pfn + j] += 1
                 p.stats["map_2m"] += 1
             else:
                 p.gpa[gfn] = [pfn, flags, None]
+                p.__dict__.get("access_states", {}).pop(gfn, None)
                 self.mapped[pfn] += 1
                 p.l1[gfn >> 9] += 1
                 p.l2[gfn >> 18] += 1
@@ -762,10 +764,30 @@ class Hypervisor:
         return S.HV_STATUS_SUCCESS
 
     def _hc_get_gpa_pages_access_states(self, c):
+        """Report, then clear or set, each page's accessed/dirty bits. A page
+        starts accessed and dirty when it is mapped; guest accesses do not
+        update the bits (simplification: Unicorn does not report them)."""
         p = self._child(c.inp.partition_id)
+        f = c.inp
+        acc = S.HV_GPA_PAGE_ACCESS_STATE_ACCESSED
+        dirty = S.HV_GPA_PAGE_ACCESS_STATE_DIRTY
+        states = p.__dict__.setdefault("access_states", {})
         for k in c.reps():
-            gfn = c.inp.hv_gpa_page_number + k
-            c.rep_out(k, 0x3 if gfn in p.gpa else 0)
+            gfn = f.hv_gpa_page_number + k
+            if gfn not in p.gpa:
+                c.rep_out(k, 0)
+                continue
+            st = states.get(gfn, acc | dirty)
+            c.rep_out(k, st)
+            if f.bits("flags", "clear_accessed"):
+                st &= ~acc
+            if f.bits("flags", "set_accessed"):
+                st |= acc
+            if f.bits("flags", "clear_dirty"):
+                st &= ~dirty
+            if f.bits("flags", "set_dirty"):
+                st |= dirty
+            states[gfn] = st
         return S.HV_STATUS_SUCCESS
 
     # ================================================================ intercepts
