@@ -210,7 +210,7 @@ def render_h(spec):
 
 def render_c(spec):
     out = [marker(spec)]
-    out.append("#include <linux/errno.h>\n#include <linux/slab.h>\n#include <linux/mm.h>\n"
+    out.append("#include <linux/errno.h>\n#include <linux/limits.h>\n#include <linux/slab.h>\n#include <linux/mm.h>\n"
                "#include <linux/string.h>\n#include <linux/uaccess.h>\n"
                '#include "mshvr_ioctl.h"\n')
     out.append("/* UAPI layout, checked where the kernel uses it */")

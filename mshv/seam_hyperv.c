@@ -10,6 +10,8 @@
  * driver in the Hyper-V callback vector, so the vmbus hook is used; the
  * module cannot share a root with hv_vmbus on those kernels.
  */
+#include "mshv_root.h"
+
 #include <linux/cpuhotplug.h>
 #include <linux/errno.h>
 #include <linux/io.h>
@@ -19,7 +21,6 @@
 #include <asm/mshyperv.h>
 #include <asm/processor.h>
 
-#include "mshv_root.h"
 #include "mshvr_hv_types.h"
 #include "seam.h"
 

@@ -358,8 +358,30 @@ static void test_vp(void)
 	ok(vp_ioctl(MSHV_SET_VP_STATE, &st) == -EINVAL && !called, "rsvd MBZ");
 }
 
+static void test_flag_maps(void)
+{
+	ok(mshvr_map_mshv_pt_bit(0) == (MSHVR_HV_PARTITION_CREATION_FLAG_EXO_PARTITION |
+					 MSHVR_HV_PARTITION_CREATION_FLAG_INTERCEPT_MESSAGE_PAGE_ENABLED),
+	   "a partition always gets EXO and the intercept message page");
+	ok(mshvr_map_mshv_pt_bit(1 << MSHV_PT_BIT_LAPIC | 1 << MSHV_PT_BIT_X2APIC |
+				 1 << MSHV_PT_BIT_GPA_SUPER_PAGES) ==
+	   (0x100ULL | 0x80000ULL | 0x2000ULL | 0x400000ULL | 0x10ULL),
+	   "LAPIC bit 13, X2APIC bit 22, GPA super pages bit 4");
+	ok(mshvr_map_mshv_pt_bit(1 << MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES) ==
+	   mshvr_map_mshv_pt_bit(0), "the v2 selector bit maps to nothing");
+	ok(mshvr_map_mshv_set_mem_bit(0) == 0x8001 &&
+	   mshvr_map_mshv_set_mem_bit(1 << MSHV_SET_MEM_BIT_WRITABLE) == 0x8003 &&
+	   mshvr_map_mshv_set_mem_bit(1 << MSHV_SET_MEM_BIT_EXECUTABLE) == 0x800d,
+	   "memory flags: readable and adjustable always, then writable, executable");
+	ok(mshvr_map_mshv_vp_state(MSHV_VP_STATE_LAPIC) == 0x80000000 &&
+	   mshvr_map_mshv_vp_state(MSHV_VP_STATE_SYNTHETIC_TIMERS) == 4 &&
+	   mshvr_map_mshv_vp_state(MSHV_VP_STATE_COUNT) == (__u64)-1,
+	   "VP state types map to the hypervisor's; unknown gives U64_MAX");
+}
+
 int main(void)
 {
+	test_flag_maps();
 	test_numbers();
 	test_unknown();
 	test_create_partition();

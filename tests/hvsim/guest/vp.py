@@ -255,5 +255,36 @@ def test_sigkill_mid_run_leaves_nothing():
     # the runner's teardown check verifies the simulator holds nothing
 
 
+def test_module_cannot_unload_while_fds_are_open():
+    import subprocess
+    mshv = open_mshv()
+    pt = Partition(mshv)
+    os.close(mshv)                                      # the partition fd alone pins it
+    r = subprocess.run(["rmmod", "mshv_root"], capture_output=True)
+    assert r.returncode != 0, "rmmod succeeded with a partition fd open"
+    assert os.path.exists("/dev/mshv")
+    pt.close()
+
+
+def test_runs_with_a_cpu_offline():
+    online = "/sys/devices/system/cpu/cpu1/online"
+    with open(online, "w") as f:
+        f.write("0")
+    try:
+        mshv = open_mshv()
+        pt = Partition(mshv)
+        mem = GuestMemory(PAGE)
+        mem.write(0, bytes([0xE6, 0x80, 0xF4]))         # out %al,$0x80; hlt
+        pt.map(mem, 0x1000)
+        vp = pt.vp(0)
+        _start(vp, 0x1000)
+        assert vp.run().header.message_type == S.HVMSG_X64_IO_PORT_INTERCEPT
+        pt.close()
+        os.close(mshv)
+    finally:
+        with open(online, "w") as f:
+            f.write("1")
+
+
 if __name__ == "__main__":
     sys.exit(run_tests(globals(), only=sys.argv[1:] or None))
