@@ -31,6 +31,9 @@ static long mshvr_passthrough(u64 partition_id, bool root_fd, struct mshv_root_h
 	if (a->in_sz < sizeof(u64) || (a->out_ptr && !a->out_sz) || (!a->out_ptr && a->out_sz) ||
 	    (info->rep ? (!reps || reps > rep_max) : reps))
 		return -EINVAL;
+	/* the rep output must fit the one output page the call gets */
+	if (info->rep && (u64)reps * info->rep_out_size > PAGE_SIZE)
+		return -EINVAL;
 
 	in = kzalloc(PAGE_SIZE, GFP_KERNEL);
 	out = kzalloc(PAGE_SIZE, GFP_KERNEL);

@@ -66,3 +66,13 @@ def parse_tap(text):
 def need_tool(name):
     if shutil.which(name) is None:
         pytest.fail(f"{name} is not installed: run scripts/setup.sh")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The in-guest suites' totals, one line per kernel (both scheduler modes)."""
+    mod = sys.modules.get("harness")
+    if mod is None or not mod.ALL_RUNS:
+        return
+    terminalreporter.section("in-guest tests per kernel")
+    for line in mod.kernel_summaries():
+        terminalreporter.write_line(line)

@@ -46,6 +46,28 @@ def ensure_module():
         raise RuntimeError("hvsim module build failed:\n" + r.stdout + r.stderr)
 
 
+# every SuiteRun of this pytest session, for the per-kernel summary
+ALL_RUNS = []
+
+
+def kernel_summaries():
+    """One line per kernel: the in-guest tests of every suite run on it,
+    as 'KERNEL: N passed, N failed, N skipped' (a test that did not report
+    counts as failed)."""
+    per = {}
+    for run in ALL_RUNS:
+        p, f, s = per.get(run.kernel, (0, 0, 0))
+        for name in guest_tests(run.suite):
+            if name not in run.tests:
+                f += 1
+            elif run.tests[name][0]:
+                p += 1
+            else:
+                f += 1
+        per[run.kernel] = (p, f, s)
+    return [f"{k}: {p} passed, {f} failed, {s} skipped" for k, (p, f, s) in sorted(per.items())]
+
+
 class SuiteRun:
     """One boot running one guest suite; results by test name."""
 
@@ -62,6 +84,7 @@ class SuiteRun:
         self.output = self.result.script_output() if hasattr(self.result, "script_output") \
             else str(self.result)
         self.console = self._console()
+        ALL_RUNS.append(self)
         self.tests = {}
         cur = None
         for line in self.output.splitlines():

@@ -115,7 +115,9 @@ class _CtxLayout:
 
 class Exit:
     """Why a run stopped. kind: io, halt, memory, cpuid, msr, exception,
-    unrecoverable, preempt, stopped."""
+    unrecoverable, preempt, stopped, interrupt (an interrupt is deliverable at
+    this boundary; hv.py delivers it and re-enters), blocked (hv.py only: HLT
+    with IF=1 and nothing pending)."""
 
     def __init__(self, kind, **kw):
         self.kind = kind
@@ -373,10 +375,15 @@ class Engine:
         self._tcache = {}
 
     # ------------------------------------------------------------ running
-    def run(self, st, max_insns, deadline, should_stop, decide):
+    def run(self, st, max_insns, deadline, should_stop, decide, irq_pending=None):
         """Run from CpuState `st` until an exit; `st` is updated in place.
 
         should_stop() -> bool is polled at each instruction boundary.
+        irq_pending() -> truthy when an interrupt is pending: the run then stops
+        with Exit("interrupt") at the first boundary where RFLAGS.IF = 1 and the
+        VP is not in an interrupt shadow (the instruction after STI, MOV SS or
+        POP SS). st.shadow_at carries a shadow across runs (linear address of
+        the instruction it covers).
         decide(kind, **info) -> 'exit' | 'emulate' lets the hypervisor choose
         between intercepting a CPUID/MSR access and answering it itself; when
         emulating it returns a dict of register results.
@@ -391,6 +398,9 @@ class Engine:
         self.deadline = deadline
         self.should_stop = should_stop
         self.decide = decide
+        self.irq_pending = irq_pending or (lambda: False)
+        self._shadow_next = getattr(st, "shadow_at", None)
+        self._shadow_cur = None
         self.cur = None
         try:
             self.uc.emu_start(self.uc.reg_read(X.UC_X86_REG_RIP), U64)
@@ -406,6 +416,7 @@ class Engine:
         if getattr(ex, "rip_lin", None) is not None:
             self.uc.reg_write(X.UC_X86_REG_RIP, (ex.rip_lin - self._seg(1)[0]) & self._ipmask())
         self.store(st)
+        st.shadow_at = self._shadow_cur
         return ex
 
     def _ipmask(self):
@@ -422,10 +433,15 @@ class Engine:
         self.count += 1
         if self._pg_stale():
             self._refresh_pg()
+        shadow = addr == self._shadow_next
+        self._shadow_next = None
+        self._shadow_cur = addr if shadow else None
         if self.should_stop():
             return self._stop(Exit("stopped", rip_lin=addr))
         if self.count > self.max_insns or (self.count & 0x3FF == 0 and time.monotonic() > self.deadline):
             return self._stop(Exit("preempt", rip_lin=addr))
+        if not shadow and self.irq_pending() and self.uc.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_IF:
+            return self._stop(Exit("interrupt", rip_lin=addr))
         b = self.read_linear(addr, size)
         i = 0
         rep = False
@@ -436,6 +452,8 @@ class Engine:
         if i >= len(b):
             return
         op = b[i]
+        if op in (0xFB, 0x17) or (op == 0x8E and i + 1 < len(b) and (b[i + 1] >> 3) & 7 == 2):
+            self._shadow_next = addr + size     # STI, POP SS, MOV SS: shadow on the next instruction
         if op in IO_OPS:
             return self._io(addr, size, b, i, rep)
         if op == 0xF4:

@@ -21,6 +21,7 @@ import threading
 import time
 
 from . import spec
+from .apic import LocalApic, DeliveryError, deliver as apic_deliver, MIN_VECTOR, RF_IF
 from .spec import S
 
 U64 = (1 << 64) - 1
@@ -28,6 +29,17 @@ ROOT_ID = 1
 # HV_PARTITION_ID_SELF (~0) is not in the spec; the model accepts it as "the caller".
 PARTITION_ID_SELF = U64
 MAX_VPS = 256
+X2APIC_EOI = 0x80B      # x86 architectural MSR
+
+
+def eng_ipmask(st):
+    """Instruction-pointer width for CpuState `st` (CS.L in long mode, CS.D, else 16 bits)."""
+    cs_attr = st.segs[1][3]
+    if st.efer & (1 << 10) and cs_attr & (1 << 13):
+        return U64
+    if cs_attr & (1 << 14):
+        return 0xFFFFFFFF
+    return 0xFFFF
 
 # Page costs charged to the pools (documented in docs/hvsim-model.md). All are
 # below the driver's up-front deposits (InitializePartition 208, CreateVp 90).
@@ -80,6 +92,7 @@ class CpuState:
         self.dr = [0, 0, 0, 0, 0xFFFF0FF0, 0x400]
         self.xmm = [0] * 16
         self.msrs = {"PAT": 0x0007040600070406}
+        self.shadow_at = None    # linear address of the instruction in an STI/MOV SS shadow
 
     def copy(self):
         c = CpuState.__new__(CpuState)
@@ -129,7 +142,7 @@ class Vp:
         self.last_msg = None
         self.notify_cpu = None
         self.signal_count = 0
-        self.pending_irq = collections.deque()
+        self.apic = LocalApic(index)   # pending vectors, halted state (apic.py)
         self.vp_state = {}       # Get/SetVpState blobs
         self.cpuid_results = {}
         self.deleted = False
@@ -212,6 +225,9 @@ class Hypervisor:
         self.max_insns = 200000
         self.time_slice = 0.25        # seconds of emulation per DispatchVp / core slice
         self.preempt_event = S.HV_VP_DISPATCH_EVENT_SUSPEND
+        # DispatchVp of a VP halted with IF=1 (HLT, nothing pending): BLOCKED + this
+        # event. Undocumented; anything but SUSPEND is Linux's "root_sched_blocked".
+        self.halt_event = S.HV_VP_DISPATCH_EVENT_INVALID
         self.msr_values = {}          # synthetic MSR store per (pid, vp) handled in _decide
         self.props_root = self._root_props()
         self.child_prop_defaults = self._child_props()
@@ -1166,17 +1182,43 @@ class Hypervisor:
         self._child(c.inp.partition_id)
         return S.HV_STATUS_SUCCESS
 
+    # physical destinations that mean "all APICs" (xAPIC and x2APIC broadcast)
+    APIC_BROADCAST = (0xFF, 0xFFFFFFFF)
+
     def _hc_assert_virtual_interrupt(self, c):
+        """FIXED and LOWESTPRIORITY interrupts go to the IRR of the VP whose APIC
+        id (INITIAL_APIC_ID, = VP index) is dest_addr; see docs "Interrupts"."""
         i = c.inp
         p = self._child(i.partition_id)
-        target = None
-        for vp in p.vps.values():
-            if vp.reg(_r("HV_X64_REGISTER_INITIAL_APIC_ID")) == i.dest_addr:
-                target = vp
-        if target is None:
+        itype = i.bits("control", "interrupt_type")
+        if i.target_vtl != 0 or i.bits("control", "logical_dest_mode"):
+            return S.HV_STATUS_INVALID_PARAMETER          # VTLs and logical mode: not modelled
+        if itype not in (S.HV_X64_INTERRUPT_TYPE_FIXED, S.HV_X64_INTERRUPT_TYPE_LOWESTPRIORITY):
+            if itype not in spec.enum("hv_interrupt_type").values():
+                return S.HV_STATUS_INVALID_PARAMETER
+            self._log("  assert: interrupt type %d accepted, not delivered" % itype)
+            return S.HV_STATUS_SUCCESS
+        if not MIN_VECTOR <= i.vector <= 0xFF:
             return S.HV_STATUS_INVALID_PARAMETER
-        target.pending_irq.append((i.bits("control", "interrupt_type"), i.vector))
+        targets = [vp for vp in p.vps.values()
+                   if i.dest_addr in self.APIC_BROADCAST
+                   or vp.reg(_r("HV_X64_REGISTER_INITIAL_APIC_ID")) == i.dest_addr]
+        for vp in targets:       # none: dropped, like an APIC message nobody accepts
+            self._raise_irq(vp, i.vector, c.cpu)
         return S.HV_STATUS_SUCCESS
+
+    def _raise_irq(self, vp, vector, cpu):
+        """Lock held: set `vector` pending on `vp` and wake the VP if it waits."""
+        a = vp.apic
+        was_empty = not a.irr
+        a.irr.add(vector)
+        if a.halted and was_empty:
+            if self.scheduler == "root":
+                # the driver kicks its dispatch thread. Also while a DispatchVp is
+                # still returning BLOCKED (vp.running): the kick must not be lost.
+                self._signal_vp(vp, cpu)
+            else:
+                self._cond.notify_all()           # the halted VP thread waits on _cond
 
     def _hc_signal_event_direct(self, c):
         i = c.inp
@@ -1355,6 +1397,8 @@ class Hypervisor:
                     if msr == S.HV_X64_MSR_VP_INDEX:
                         return "emulate", vp.index
                     return "emulate", store.get(msr, 0)
+                if msr == X2APIC_EOI and kw["write"]:
+                    return "emulate", None     # edge semantics: nothing to acknowledge
                 return "native", None
             return "emulate", None
         return decide
@@ -1441,17 +1485,64 @@ class Hypervisor:
             return self._message(S.HVMSG_X64_EXCEPTION_INTERCEPT, m, pid)
         return self._message(S.HVMSG_UNRECOVERABLE_EXCEPTION, S.hv_x64_unrecoverable_exception_message(header=hdr), pid)
 
+    def _irq_entry(self, vp, st):
+        """Lock held, before (re-)entering the guest: deliver the highest pending
+        vector if the VP can take it. Returns an Exit that ends the slice
+        ("blocked" for a halted VP with nothing deliverable, "unrecoverable" when
+        delivery fails) or None to run."""
+        a = vp.apic
+        if a.irr and st.rflags & RF_IF and st.shadow_at != (st.segs[1][0] + st.rip) & U64:
+            v = a.highest()
+            a.irr.discard(v)
+            a.halted = False
+            try:
+                apic_deliver(self, vp.part, self._engine(vp), st, v)
+            except DeliveryError as e:
+                self._log("  vp %x/%d interrupt 0x%x not deliverable: %s" % (vp.part.id, vp.index, v, e))
+                from .cpu import Exit
+                return Exit("unrecoverable", error="interrupt delivery: %s" % e)
+            a.delivered.append(v)
+            self._log("  vp %x/%d interrupt 0x%x delivered" % (vp.part.id, vp.index, v))
+            return None
+        if a.halted:
+            from .cpu import Exit
+            return Exit("blocked")
+        return None
+
     def _run_slice(self, vp):
-        """Run the VP (model lock NOT held). Returns the engine Exit."""
+        """Run the VP (model lock NOT held). Returns the engine Exit.
+
+        Interrupts are delivered here between engine runs: before entering the
+        guest, when the engine stops on a deliverable interrupt, and when the
+        guest executes HLT with IF=1 (HLT completes, RIP moves past it; with
+        nothing pending the VP is halted and the slice ends with "blocked")."""
+        from .cpu import Exit
         eng = self._engine(vp)
-        with self._lock:
-            self._sync_reg_page_in(vp)
-            st = vp.cpu.copy()
-        ex = eng.run(st, self.max_insns, time.monotonic() + self.time_slice,
-                     lambda: vp.stop_req, self._decide(vp))
-        with self._lock:
-            vp.cpu = st
-        return ex
+        deadline = time.monotonic() + self.time_slice
+        budget = self.max_insns
+        irq = vp.apic.irr.__len__
+        while True:
+            with self._lock:
+                self._sync_reg_page_in(vp)
+                st = vp.cpu.copy()
+                if vp.stop_req:
+                    return Exit("stopped")
+                ex = self._irq_entry(vp, st)
+                vp.cpu = st
+                if ex is not None:
+                    return ex
+            ex = eng.run(st, budget, deadline, lambda: vp.stop_req, self._decide(vp), irq)
+            budget -= eng.count
+            with self._lock:
+                vp.cpu = st
+                if ex.kind == "interrupt":
+                    continue
+                if ex.kind == "halt" and st.rflags & RF_IF:
+                    st.rip = (st.rip + ex.length) & eng_ipmask(st)
+                    st.shadow_at = None
+                    vp.apic.halted = True
+                    continue
+                return ex
 
     def _record_intercept(self, vp, ex):
         """Lock held: the VP stopped on an intercept."""
@@ -1496,7 +1587,8 @@ class Hypervisor:
                 off = gpa + S.hv_x64_register_page.OFFSETS["interrupt_vectors"]
                 iv = S.hv_vp_register_page_interrupt_vectors.from_bytes(self.mem.read(off, 8))
                 for k in range(min(iv.vector_count, 7)):
-                    vp.pending_irq.append((S.HV_X64_INTERRUPT_TYPE_FIXED, iv.vector[k]))
+                    if iv.vector[k] >= MIN_VECTOR:
+                        vp.apic.irr.add(iv.vector[k])
                 self.mem.write(off, bytes(8))
         vp.running = True
         vp.stop_req = False
@@ -1518,6 +1610,11 @@ class Hypervisor:
                     self._sync_reg_page_out(vp)
                     c.out = O(dispatch_state=S.HV_VP_DISPATCH_STATE_BLOCKED,
                               dispatch_event=S.HV_VP_DISPATCH_EVENT_SUSPEND)
+                elif ex.kind == "blocked":
+                    # halted with IF=1: the VP waits for an interrupt; _raise_irq
+                    # posts VP_SIGNAL_PAIR when one arrives
+                    self._sync_reg_page_out(vp)
+                    c.out = O(dispatch_state=S.HV_VP_DISPATCH_STATE_BLOCKED, dispatch_event=self.halt_event)
                 else:
                     self._record_intercept(vp, ex)
                     c.out = O(dispatch_state=S.HV_VP_DISPATCH_STATE_READY,
@@ -1554,6 +1651,13 @@ class Hypervisor:
                     if ex.kind == "stopped":
                         self._sync_reg_page_out(vp)
                         return
+                    if ex.kind == "blocked":
+                        # halted with IF=1: sleep until an interrupt or a stop request
+                        self._sync_reg_page_out(vp)
+                        while (vp.apic.halted and not vp.apic.irr and not vp.stop_req
+                               and self._runnable(vp) and not self._closed):
+                            self._cond.wait()
+                        continue
                     self._record_intercept(vp, ex)
                     cpu = vp.notify_cpu if vp.notify_cpu is not None else vp.index % self.ncpus
                     pl = S.hv_opaque_intercept_message(vp_index=vp.index)
@@ -1570,6 +1674,7 @@ class Hypervisor:
 
     def _wait_stopped(self, vp, timeout=30):
         end = time.monotonic() + timeout
+        self._cond.notify_all()          # a halted core-scheduler VP thread sleeps on _cond
         while vp.running:
             left = end - time.monotonic()
             if left <= 0:

@@ -1,0 +1,17 @@
+"""Virtual interrupts (tests/hvsim/guest/interrupts.py) in the simulated
+root, for each kernel and both scheduler modes."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "hvsim"))
+from harness import guest_tests, suite_fixture  # noqa: E402
+
+suite_run = suite_fixture("interrupts")
+
+
+@pytest.mark.parametrize("name", guest_tests("interrupts"))
+def test_interrupts(suite_run, name):
+    suite_run.check(name)
