@@ -150,6 +150,22 @@ class Wrapper:
         ]
 
     # -- bodies ----------------------------------------------------------------
+    def _prologue(self):
+        """Argument guards, then the up-front deposit (which may sleep)."""
+        out = self._mbz_guards()
+        if self.h.deposit:
+            out.append("\tmight_sleep();")
+        return out + self._initial_deposit()
+
+    def _epilogue(self):
+        """End of the attempt loop: retry after a deposit, then the status."""
+        out = ["\t\tif (!mshvr_hv_status_needs_memory(hc_status))", "\t\t\tbreak;"]
+        out += self._retry(2)
+        out.append("\t}")
+        out += self._status_tail()
+        out.append("}")
+        return "\n".join(out) + "\n"
+
     def body(self):
         if self.h.fast:
             return self._body_fast()
@@ -177,10 +193,7 @@ class Wrapper:
                "\t} hc_in;"]
         out += self._locals(["\tu64 hc_result;"])
         out.append("")
-        out += self._mbz_guards()
-        if h.deposit:
-            out.append("\tmight_sleep();")
-        out += self._initial_deposit()
+        out += self._prologue()
         out.append("\tfor (;;) {")
         out.append("\t\tmemset(&hc_in, 0, sizeof(hc_in));")
         out += self._fill("hc_in.s.")
@@ -188,13 +201,7 @@ class Wrapper:
                    f"{kconst('HV_CONTROL_FAST_MASK')},")
         out.append("\t\t\t\t\t\t     hc_in.w[0], hc_in.w[1]);")
         out.append("\t\thc_status = mshvr_hv_result_status(hc_result);")
-        out.append("\t\tif (!mshvr_hv_status_needs_memory(hc_status))")
-        out.append("\t\t\tbreak;")
-        out += self._retry(2)
-        out.append("\t}")
-        out += self._status_tail()
-        out.append("}")
-        return "\n".join(out) + "\n"
+        return "\n".join(out) + "\n" + self._epilogue()
 
     def _body_simple(self):
         h = self.h
@@ -231,13 +238,7 @@ class Wrapper:
             out.append(f"\t\tif (hc_status == {kconst('HV_STATUS_SUCCESS')})")
             out.append("\t\t\tmemcpy(output, hc_out, sizeof(*output));")
         out.append("\t\tmshvr_hvcall_end(hc_flags);")
-        out.append("\t\tif (!mshvr_hv_status_needs_memory(hc_status))")
-        out.append("\t\t\tbreak;")
-        out += self._retry(2)
-        out.append("\t}")
-        out += self._status_tail()
-        out.append("}")
-        return "\n".join(out) + "\n"
+        return "\n".join(out) + "\n" + self._epilogue()
 
     def _body_rep(self):
         h = self.h
