@@ -11,6 +11,7 @@
 #endif
 
 #include <linux/atomic.h>
+#include <linux/completion.h>
 #include <linux/list.h>
 #include <linux/mutex.h>
 #include <linux/rcupdate.h>
@@ -69,6 +70,14 @@ struct mshvr_partition {
 
 	/* vp_index -> struct mshvr_vp; stores under @lock, RCU lookups */
 	struct xarray vps;
+
+	/*
+	 * An asynchronous hypercall (CALL_PENDING) in flight: at most one, as
+	 * it is issued under @lock; the SynIC handler stores the status and
+	 * completes @async_done.
+	 */
+	struct completion async_done;
+	u16 async_status;
 	struct rcu_head rcu;
 };
 
@@ -111,6 +120,7 @@ void mshvr_partition_put(struct mshvr_partition *pt);
 int mshvr_vp_create(struct mshvr_partition *pt, u32 index);
 void mshvr_vp_destroy(struct mshvr_vp *vp);
 void mshvr_vp_kick(u64 partition_id, u32 vp_index);
+void mshvr_partition_async_done(u64 partition_id, u16 status);
 
 int mshvr_region_map(struct mshvr_partition *pt, const struct mshv_user_mem_region *arg);
 int mshvr_region_unmap(struct mshvr_partition *pt, const struct mshv_user_mem_region *arg);

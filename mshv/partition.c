@@ -91,6 +91,22 @@ static void mshvr_partition_destroy(struct mshvr_partition *pt)
 	kfree(pt);
 }
 
+/* SynIC handler: an asynchronous hypercall of @partition_id finished. */
+void mshvr_partition_async_done(u64 partition_id, u16 status)
+{
+	struct mshvr_partition *pt;
+
+	rcu_read_lock();
+	pt = xa_load(&mshvr_partitions, partition_id);
+	if (pt) {
+		WRITE_ONCE(pt->async_status, status);
+		complete(&pt->async_done);
+	} else {
+		pr_warn_ratelimited("async completion for unknown partition %llu\n", partition_id);
+	}
+	rcu_read_unlock();
+}
+
 void mshvr_partition_put(struct mshvr_partition *pt)
 {
 	if (refcount_dec_and_test(&pt->ref))
@@ -143,6 +159,7 @@ long mshvr_partition_create(const struct mshv_create_partition_v2 *arg)
 		return -ENOMEM;
 	refcount_set(&pt->ref, 1);
 	mutex_init(&pt->lock);
+	init_completion(&pt->async_done);
 	INIT_LIST_HEAD(&pt->regions);
 	xa_init(&pt->vps);
 	pt->hv_flags = mshvr_map_mshv_pt_bit(arg->pt_flags);

@@ -13,8 +13,14 @@
 #include "mshvr_hvcall.h"
 #include "mshvr_ioctl.h"
 
-static long mshvr_passthrough(u64 partition_id, bool root_fd, struct mshv_root_hvcall *a)
+/*
+ * @pt is the fd's partition (NULL on /dev/mshv: the root); @locked says the
+ * caller holds pt->lock (the partition fd), which asynchronous calls need.
+ */
+static long mshvr_passthrough(struct mshvr_partition *pt, bool locked, struct mshv_root_hvcall *a)
 {
+	u64 partition_id = pt ? pt->id : mshvr_root_partition_id();
+	bool root_fd = !pt;
 	const struct mshvr_hvcall_info *info = mshvr_hvcall_info(a->code);
 	u32 reps = a->reps, comp = 0, rep_max;
 	unsigned int attempt = 0;
@@ -30,6 +36,9 @@ static long mshvr_passthrough(u64 partition_id, bool root_fd, struct mshv_root_h
 	rep_max = (MSHVR_HV_CONTROL_REP_COUNT_MASK >> MSHVR_HV_CONTROL_REP_COUNT_SHIFT);
 	if (a->in_sz < sizeof(u64) || (a->out_ptr && !a->out_sz) || (!a->out_ptr && a->out_sz) ||
 	    (info->rep ? (!reps || reps > rep_max) : reps))
+		return -EINVAL;
+	/* a completion message is matched to its partition: one at a time */
+	if (info->async && !locked)
 		return -EINVAL;
 	/* the rep output must fit the one output page the call gets */
 	if (info->rep && (u64)reps * info->rep_out_size > PAGE_SIZE)
@@ -48,6 +57,8 @@ static long mshvr_passthrough(u64 partition_id, bool root_fd, struct mshv_root_h
 	/* every allowed call starts with the partition id: the fd decides it */
 	*(u64 *)in = partition_id;
 
+	if (info->async)
+		reinit_completion(&pt->async_done);
 	for (;;) {
 		hin = mshvr_hvcall_begin(&flags, &hout);
 		memcpy(hin, in, PAGE_SIZE);
@@ -85,9 +96,14 @@ static long mshvr_passthrough(u64 partition_id, bool root_fd, struct mshv_root_h
 			break;
 	}
 	if (status == MSHVR_HV_STATUS_CALL_PENDING) {
-		pr_warn_ratelimited("hypercall %s: asynchronous completion is not supported\n",
-				    info->name);
-		ret = -EOPNOTSUPP;
+		if (!info->async) {
+			pr_warn_ratelimited("hypercall %s: unexpected CALL_PENDING\n", info->name);
+			ret = -EBADFD;
+		} else if (wait_for_completion_killable(&pt->async_done)) {
+			ret = -EINTR;
+		} else {
+			status = READ_ONCE(pt->async_status);
+		}
 	}
 	a->status = status;
 	a->reps = info->rep ? comp : 0;
@@ -104,15 +120,15 @@ free:
 
 long mshv_dev_ioctl_root_hvcall(struct file *ctx, struct mshv_root_hvcall *arg)
 {
-	return mshvr_passthrough(mshvr_root_partition_id(), true, arg);
+	return mshvr_passthrough(NULL, false, arg);
 }
 
 long mshv_partition_ioctl_root_hvcall(struct mshvr_partition *pt, struct mshv_root_hvcall *arg)
 {
-	return mshvr_passthrough(pt->id, false, arg);
+	return mshvr_passthrough(pt, true, arg);
 }
 
 long mshv_vp_ioctl_root_hvcall(struct mshvr_vp *vp, struct mshv_root_hvcall *arg)
 {
-	return mshvr_passthrough(vp->partition->id, false, arg);
+	return mshvr_passthrough(vp->partition, false, arg);
 }

@@ -25,6 +25,12 @@ void mshvr_synic_isr(unsigned int cpu, void *simp, void *siefp)
 		mshvr_vp_kick(msg->header.sender, m->vp_index);
 		break;
 	}
+	case MSHVR_HVMSG_ASYNC_CALL_COMPLETION: {
+		const struct mshvr_hv_async_completion_message *m = (const void *)msg->payload;
+
+		mshvr_partition_async_done(m->partition_id, (u16)m->status);
+		break;
+	}
 	case MSHVR_HVMSG_SCHEDULER_VP_SIGNAL_PAIR: {
 		const struct mshvr_hv_vp_signal_pair_scheduler_message *m = (const void *)msg->payload;
 		unsigned int i, n = min_t(unsigned int, m->vp_count, ARRAY_SIZE(m->vp_indexes));

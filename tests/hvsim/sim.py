@@ -135,12 +135,15 @@ class Simulator:
     def control(self, command):
         """Fault injection from inside the root (debugfs mshv_hvsim/control):
         'fail_next <hypercall> <HV_STATUS_x> [nth]', 'insufficient_memory_once
-        <hypercall>', 'rep_limit <n> [hypercall]', 'reset'. Returns 0 or 1."""
+        <hypercall>', 'async_next <hypercall>', 'rep_limit <n> [hypercall]', 'reset'.
+        Returns 0 or 1."""
         words = command.split()
         try:
             if words[0] == "fail_next":
                 nth = int(words[3]) if len(words) > 3 else 1
                 self.hv.fail_next(S.HVCALL_BY_NAME[words[1]], getattr(S, words[2]), nth=nth)
+            elif words[0] == "async_next":
+                self.hv.async_next(S.HVCALL_BY_NAME[words[1]])
             elif words[0] == "insufficient_memory_once":
                 self.hv.insufficient_memory_once(S.HVCALL_BY_NAME[words[1]])
             elif words[0] == "rep_limit":

@@ -147,6 +147,29 @@ def test_root_hvcall_deposits_and_retries():
     os.close(mshv)
 
 
+def test_async_property_set_is_waited_for():
+    mshv = open_mshv()
+    pt = Partition(mshv)
+    code = S.HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION
+    sim_control("async_next set_partition_property")
+    inp = S.hv_input_set_partition_property(property_code=code, property_value=1)
+    status, _r, _o = pt.hvcall(S.HVCALL_SET_PARTITION_PROPERTY, bytes(inp))
+    assert status == 0, "the final status, not CALL_PENDING"
+    # a failing asynchronous call reports its real status
+    sim_control("async_next set_partition_property")
+    bad = S.hv_input_set_partition_property(property_code=0x7FFFFFF0, property_value=1)
+    try:
+        pt.hvcall(S.HVCALL_SET_PARTITION_PROPERTY, bytes(bad))
+        raise AssertionError("an unknown property was set")
+    except OSError as e:
+        assert e.hv_status == S.HV_STATUS_UNKNOWN_PROPERTY, hex(e.hv_status)
+    # and a VP fd may not start one
+    vp = pt.vp(0)
+    expect_errno(errno.EINVAL, vp.hvcall, S.HVCALL_SET_PARTITION_PROPERTY, bytes(inp))
+    pt.close()
+    os.close(mshv)
+
+
 def test_failed_initialize_gives_its_pages_back():
     mshv = open_mshv()
     pt = Partition(mshv, initialize=False)

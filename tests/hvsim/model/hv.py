@@ -197,6 +197,7 @@ class Hypervisor:
         self.hv_size = hv_size
         self.scheduler = scheduler
         self.notify = notify
+        self._async_next = {}           # code -> calls left that answer CALL_PENDING
         self.ncpus = ncpus
         self.costs = dict(COSTS, **(costs or {}))
         self._lock = threading.RLock()
@@ -570,6 +571,28 @@ class Hypervisor:
         return S.HV_STATUS_SUCCESS
 
     def _hc_set_partition_property(self, c):
+        """SetPartitionProperty; with the async knob armed, it answers
+        CALL_PENDING and reports the real status in an ASYNC_CALL_COMPLETION
+        message on the calling CPU's SINT0, as Hyper-V does for slow properties."""
+        status = self._set_property_now(c)
+        code = S.HVCALL_SET_PARTITION_PROPERTY
+        if self._async_next.get(code, 0) > 0:
+            self._async_next[code] -= 1
+            pl = S.hv_async_completion_message(partition_id=c.inp.partition_id, status=status,
+                                               completion_count=1)
+            msg = self._message(S.HVMSG_ASYNC_CALL_COMPLETION, pl, 0)
+            self.synic_pages(c.cpu)
+            self.synic[c.cpu].queues[S.HV_SYNIC_INTERCEPTION_SINT_INDEX].append(msg)
+            self._deliver(c.cpu, S.HV_SYNIC_INTERCEPTION_SINT_INDEX)
+            return S.HV_STATUS_CALL_PENDING
+        return status
+
+    def async_next(self, code, count=1):
+        """The next `count` calls of `code` complete asynchronously."""
+        with self._lock:
+            self._async_next[code] = self._async_next.get(code, 0) + count
+
+    def _set_property_now(self, c):
         p = self._part(c.inp.partition_id)
         if p is self.root:
             return S.HV_STATUS_ACCESS_DENIED
