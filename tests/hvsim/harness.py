@@ -6,6 +6,7 @@ import ast
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -75,12 +76,21 @@ class SuiteRun:
         from sim import Simulator
         self.suite, self.kernel, self.scheduler = suite, kernel, scheduler
         files = {f"/hvsim/{p.name}": p for p in GUEST.glob("*.py")}
-        with Simulator(RUN_SH.format(suite=suite), files=files, kernel=kernel,
-                       scheduler=scheduler) as sim:
-            self.result = sim.run()
-            self.sim_log = sim.log_text()
-            self.sim_error = sim.error
-            self.report = sim.report() if sim.hv else {}
+        self.boot_retries = 0
+        for attempt in range(2):
+            with Simulator(RUN_SH.format(suite=suite), files=files, kernel=kernel,
+                           scheduler=scheduler) as sim:
+                self.result = sim.run()
+                self.sim_log = sim.log_text()
+                self.sim_error = sim.error
+                self.report = sim.report() if sim.hv else {}
+            # The stock kernel dying under the emulator before /init (before
+            # the module or any test ran) is not a test result: boot once more,
+            # and say so.
+            if self.result.init_wall_s is not None or attempt:
+                break
+            self.boot_retries += 1
+            print(f"hvsim: {kernel} died before /init; booting again", file=sys.stderr)
         self.output = self.result.script_output() if hasattr(self.result, "script_output") \
             else str(self.result)
         self.console = self._console()

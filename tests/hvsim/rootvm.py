@@ -589,7 +589,12 @@ class RootVM:
             QEMU,
             # q35: modern chipset, RAM linear up to 2 GiB, ISA IRQs 5/7/10/11
             # unused (PCI INTx goes to IOAPIC pins 16-23).
-            "-machine", "q35,accel=tcg,memory-backend=ram",
+            "-machine", "q35,memory-backend=ram",
+            # One TCG thread for all vCPUs: with multi-threaded TCG the
+            # kernel's int3-based live patching (text_poke_bp) sometimes
+            # leaves a vCPU executing a stale int3 ("Oops: int3" in
+            # sched_clock_cpu at boot, seen under load on 6.12).
+            "-accel", "tcg,thread=single",
             # max: every feature TCG implements (RDRAND -> fast crng init,
             # x2apic, ...); no host-CPU dependency since TCG emulates it.
             "-cpu", "max",
