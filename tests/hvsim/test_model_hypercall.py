@@ -11,13 +11,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model.testkit import Root, S, ROOT_ID, IN_GPA, OUT_GPA, make_control, result_status, result_reps  # noqa: E402
 
 
-@pytest.fixture
-def root():
-    r = Root()
-    yield r
-    r.close()
-
-
 def test_unknown_code(root):
     assert result_status(root.hv.hypercall(0, make_control(0x7FFF), IN_GPA, OUT_GPA)) == \
         S.HV_STATUS_INVALID_HYPERCALL_CODE

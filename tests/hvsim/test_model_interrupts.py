@@ -19,20 +19,6 @@ STI_LOOP = bytes([0xFB, 0xEB, 0xFE])          # sti; jmp .
 STACK = 0x8000
 
 
-@pytest.fixture
-def root():
-    r = Root()
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def core():
-    r = Root(scheduler="core")
-    yield r
-    r.close()
-
-
 def assert_irq(root, pid, vector, dest=0, itype=None, logical=False, vtl=0):
     itype = S.HV_X64_INTERRUPT_TYPE_FIXED if itype is None else itype
     inp = S.hv_input_assert_virtual_interrupt(partition_id=pid, control=itype | (int(logical) << 33),

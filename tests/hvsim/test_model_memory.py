@@ -11,13 +11,6 @@ from model.testkit import Root, S, ROOT_ID, HV_BASE, seg_pack  # noqa: E402
 from model.hv import COSTS  # noqa: E402
 
 
-@pytest.fixture
-def root():
-    r = Root()
-    yield r
-    r.close()
-
-
 def parts(root):
     return root.hv.stats()["partitions"]
 

@@ -15,20 +15,6 @@ SMOKE = bytes.fromhex("baf803" "00d8" "0430" "ee" "f4")   # mov dx,0x3f8; add al
 ALL = S.HV_MAP_GPA_READABLE | S.HV_MAP_GPA_WRITABLE | S.HV_MAP_GPA_EXECUTABLE
 
 
-@pytest.fixture
-def root():
-    r = Root()
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def core():
-    r = Root(scheduler="core")
-    yield r
-    r.close()
-
-
 def io_msg(root, gpa):
     mtype, payload = root.message(gpa)
     assert mtype == S.HVMSG_X64_IO_PORT_INTERCEPT, hex(mtype)

@@ -13,8 +13,6 @@ from mshvlib import GuestMemory, Partition, expect_errno, ioctl, open_mshv, run_
 CPUID_CODE = bytes([0x0F, 0xA2, 0xE6, 0x80, 0xF4])
 # mov (0x2000),%al; out %al,$0x80; movb $0x5a,(0x2001); hlt   (real mode, DS base 0)
 MEM_CODE = bytes([0xA0, 0x00, 0x20, 0xE6, 0x80, 0xC6, 0x06, 0x01, 0x20, 0x5A, 0xF4])
-RAX, RBX = 0, 3
-CS = 1
 
 
 def _prop_get(pt, code, fd=None):
@@ -26,14 +24,6 @@ def _prop_get(pt, code, fd=None):
 def _prop_set(pt, code, value):
     inp = S.hv_input_set_partition_property(property_code=code, property_value=value)
     return pt.hvcall(S.HVCALL_SET_PARTITION_PROPERTY, bytes(inp))[0]
-
-
-def _start_real_mode(vp, rip):
-    r = vp.regs
-    r.rip = rip
-    r.segments[CS].base = 0
-    r.segments[CS].selector = 0
-    r.dirty |= S.HV_X64_REGISTER_PAGE_DIRTY_IP | S.HV_X64_REGISTER_PAGE_DIRTY_SEGMENT
 
 
 class _Root:
@@ -158,9 +148,7 @@ def test_cpuid_intercept():
                                        intercept_parameter=0)
     assert pt.hvcall(S.HVCALL_INSTALL_INTERCEPT, bytes(inp))[0] == 0
     vp = pt.vp(0)
-    vp.regs.gp_registers[RAX] = 0
-    vp.regs.dirty |= S.HV_X64_REGISTER_PAGE_DIRTY_GENERAL
-    _start_real_mode(vp, 0x1000)
+    vp.start_real_mode(0x1000, rax=0)
     msg = vp.run()
     assert msg.header.message_type == S.HVMSG_X64_CPUID_INTERCEPT, hex(msg.header.message_type)
     c = S.hv_x64_cpuid_intercept_message.from_buffer_copy(bytes(msg)[16:])
@@ -177,7 +165,7 @@ def test_guest_and_vmm_share_memory():
     mem.write(0x1000, b"\x37")           # GPA 0x2000, written by the VMM
     pt.map(mem, 0x1000)
     vp = pt.vp(0)
-    _start_real_mode(vp, 0x1000)
+    vp.start_real_mode(0x1000)
     msg = vp.run()
     assert msg.header.message_type == S.HVMSG_X64_IO_PORT_INTERCEPT
     io = S.hv_x64_io_port_intercept_message.from_buffer_copy(bytes(msg)[16:])
@@ -198,7 +186,7 @@ def test_unmapped_gpa_intercept():
     mem.write(0, MEM_CODE)               # reads GPA 0x2000, which is not mapped
     pt.map(mem, 0x1000)
     vp = pt.vp(0)
-    _start_real_mode(vp, 0x1000)
+    vp.start_real_mode(0x1000)
     msg = vp.run()
     assert msg.header.message_type == S.HVMSG_UNMAPPED_GPA, hex(msg.header.message_type)
     m = S.hv_x64_memory_intercept_message.from_buffer_copy(bytes(msg)[16:])

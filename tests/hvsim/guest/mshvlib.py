@@ -70,6 +70,19 @@ class Vp:
                                 offset=S.MSHV_VP_MMAP_OFFSET_REGISTERS * PAGE)
         self.regs = S.hv_x64_register_page.from_buffer(self.regmap)
 
+    def start_real_mode(self, rip, **gprs):
+        """Point the VP at real-mode code at CS=0:rip through the register
+        page; gprs sets general registers by name (rax=..., rcx=...)."""
+        r = self.regs
+        r.rip = rip
+        r.segments[1].base = 0          # segments[]: es cs ss ds fs gs
+        r.segments[1].selector = 0
+        r.dirty |= S.HV_X64_REGISTER_PAGE_DIRTY_IP | S.HV_X64_REGISTER_PAGE_DIRTY_SEGMENT
+        order = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi")
+        for name, value in gprs.items():
+            r.gp_registers[order.index(name)] = value
+            r.dirty |= S.HV_X64_REGISTER_PAGE_DIRTY_GENERAL
+
     def run(self):
         buf = S.mshv_run_vp()
         ioctl(self.fd, S.MSHV_RUN_VP, buf)

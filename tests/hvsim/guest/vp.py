@@ -17,19 +17,8 @@ from mshvlib import GuestMemory, Partition, expect_errno, ioctl, open_mshv, run_
 PAGE = 4096
 LOOP = bytes([0xEB, 0xFE])                            # jmp .
 RDMSR = bytes([0x0F, 0x32, 0xF4])                     # rdmsr; hlt
-CS = 1
+OUT_HLT = bytes([0xE6, 0x80, 0xF4])                   # out %al,$0x80; hlt
 libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _start(vp, rip, rcx=None):
-    r = vp.regs
-    r.rip = rip
-    r.segments[CS].base = 0
-    r.segments[CS].selector = 0
-    r.dirty |= S.HV_X64_REGISTER_PAGE_DIRTY_IP | S.HV_X64_REGISTER_PAGE_DIRTY_SEGMENT
-    if rcx is not None:
-        r.gp_registers[1] = rcx
-        r.dirty |= S.HV_X64_REGISTER_PAGE_DIRTY_GENERAL
 
 
 def _guest(code, flags=0):
@@ -93,7 +82,7 @@ def test_vp_mmap_offsets():
                                        intercept_type=S.HV_INTERCEPT_TYPE_X64_MSR,
                                        intercept_parameter=0)
     assert pt.hvcall(S.HVCALL_INSTALL_INTERCEPT, bytes(inp))[0] == 0
-    _start(vp, 0x1000, rcx=0x1B)
+    vp.start_real_mode(0x1000, rcx=0x1B)
     msg = vp.run()
     assert msg.header.message_type == S.HVMSG_X64_MSR_INTERCEPT, hex(msg.header.message_type)
     m = S.hv_x64_msr_intercept_message.from_buffer_copy(bytes(msg)[16:])
@@ -171,7 +160,7 @@ def test_vp_state_synthetic_timers_round_trip():
 def test_run_returns_eintr_on_a_signal():
     mshv, pt, _mem = _guest(LOOP)
     vp = pt.vp(0)
-    _start(vp, 0x1000)
+    vp.start_real_mode(0x1000)
     old = signal.signal(signal.SIGALRM, lambda *a: None)
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.5)
@@ -200,7 +189,7 @@ def test_two_vps_run_in_two_threads():
     pt.map(mem, 0x1000)
     vps = [pt.vp(i) for i in range(2)]
     for i, vp in enumerate(vps):
-        _start(vp, 0x1000 + 16 * i)
+        vp.start_real_mode(0x1000 + 16 * i)
     got = {}
 
     def run(i):
@@ -219,13 +208,9 @@ def test_two_vps_run_in_two_threads():
 
 
 def test_partition_fd_closed_before_the_vp_fd():
-    mshv = open_mshv()
-    pt = Partition(mshv)
-    mem = GuestMemory(PAGE)
-    mem.write(0, bytes([0xE6, 0x80, 0xF4]))             # out %al,$0x80; hlt
-    pt.map(mem, 0x1000)
+    mshv, pt, _mem = _guest(OUT_HLT)
     vp = pt.vp(0)
-    _start(vp, 0x1000)
+    vp.start_real_mode(0x1000)
     os.close(pt.fd)                                     # the VP keeps the partition alive
     msg = vp.run()
     assert msg.header.message_type == S.HVMSG_X64_IO_PORT_INTERCEPT
@@ -240,7 +225,7 @@ def test_sigkill_mid_run_leaves_nothing():
         try:
             mshv, pt, _mem = _guest(LOOP)
             vp = pt.vp(0)
-            _start(vp, 0x1000)
+            vp.start_real_mode(0x1000)
             os.write(w, b"x")
             vp.run()
         finally:
@@ -271,13 +256,9 @@ def test_runs_with_a_cpu_offline():
     with open(online, "w") as f:
         f.write("0")
     try:
-        mshv = open_mshv()
-        pt = Partition(mshv)
-        mem = GuestMemory(PAGE)
-        mem.write(0, bytes([0xE6, 0x80, 0xF4]))         # out %al,$0x80; hlt
-        pt.map(mem, 0x1000)
+        mshv, pt, _mem = _guest(OUT_HLT)
         vp = pt.vp(0)
-        _start(vp, 0x1000)
+        vp.start_real_mode(0x1000)
         assert vp.run().header.message_type == S.HVMSG_X64_IO_PORT_INTERCEPT
         pt.close()
         os.close(mshv)
