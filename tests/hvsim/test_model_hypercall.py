@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model.testkit import Root, S, ROOT_ID, IN_GPA, OUT_GPA, make_control, result_status, result_reps  # noqa: E402
+from model_fixtures import root  # noqa: E402,F401 (pytest fixtures)
 
 
 def test_unknown_code(root):

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model.testkit import Root, S, seg_pack, table_pack  # noqa: E402
+from model_fixtures import root, core  # noqa: E402,F401 (pytest fixtures)
 
 R = S
 IF = 1 << 9

@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model.testkit import Root, S, ROOT_ID, HV_BASE, seg_pack  # noqa: E402
 from model.hv import COSTS  # noqa: E402
+from model_fixtures import root  # noqa: E402,F401 (pytest fixtures)
 
 
 def parts(root):

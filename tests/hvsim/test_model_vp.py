@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model.testkit import Root, S, ROOT_ID, HV_BASE, HV_SIZE, seg_pack, table_pack  # noqa: E402
+from model_fixtures import root, core  # noqa: E402,F401 (pytest fixtures)
 
 R = S  # register names live in the bindings too
 SMOKE = bytes.fromhex("baf803" "00d8" "0430" "ee" "f4")   # mov dx,0x3f8; add al,bl; add al,'0'; out dx,al; hlt

@@ -1,4 +1,5 @@
-"""Fixtures of the model's unit tests: a fake root driving the model in
+"""Fixtures of the model's unit tests (imported by each test_model_*.py; a
+conftest.py here would shadow tests/conftest.py for `from conftest import`): a fake root driving the model in
 memory, in either scheduler mode."""
 
 import os
