@@ -12,6 +12,16 @@ SPEC = os.path.join(ROOT, "tlfs_spec")
 sys.path.insert(0, ROOT)
 
 
+def pytest_configure(config):
+    """gen/ (the generated bindings, headers and C) is what many tests
+    import or build: bring it up to date before collection, so that any one
+    test file runs on a fresh clone. make does nothing when it is current."""
+    r = subprocess.run(["make", "--no-print-directory", "generate", f"PYTHON={sys.executable}"],
+                       cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+        raise pytest.UsageError("make generate failed:\n" + r.stdout + r.stderr)
+
+
 def run(cmd, **kw):
     """Run a command, returning CompletedProcess with text output."""
     kw.setdefault("capture_output", True)

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hvsim"))
-from harness import guest_tests, suite_fixture  # noqa: E402
+from harness import suite_checks, suite_fixture  # noqa: E402
 
 suite_run = suite_fixture("interrupts")
 
 
-@pytest.mark.parametrize("name", guest_tests("interrupts"))
+@pytest.mark.parametrize("name", suite_checks("interrupts"))
 def test_interrupts(suite_run, name):
     suite_run.check(name)

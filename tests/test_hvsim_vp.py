@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hvsim"))
-from harness import guest_tests, suite_fixture  # noqa: E402
+from harness import suite_checks, suite_fixture  # noqa: E402
 
 suite_run = suite_fixture("vp")
 
 
-@pytest.mark.parametrize("name", guest_tests("vp"))
+@pytest.mark.parametrize("name", suite_checks("vp"))
 def test_vp(suite_run, name):
     suite_run.check(name)

@@ -47,24 +47,41 @@ def kernel_versions():
     return [version_for_headers(k) for k in out]
 
 
+def strict_cmdline(expect_warnings=False):
+    """Kernel parameters that make the root strict about driver bugs:
+    a WARN panics (unless the test expects one), fresh allocations are not
+    zeroed (Debian zeroes them by default, which would hide a missing
+    zeroing in the driver), and slab objects are poisoned and red-zoned so
+    stale contents, overruns and use after free show (as BUG reports).
+    slab_nomerge keeps each cache's reports under its own name."""
+    args = ["init_on_alloc=0", "slub_debug=FZP", "slab_nomerge"]
+    if not expect_warnings:
+        args.append("panic_on_warn=1")
+    return args
+
+
 class Simulator:
     def __init__(self, script, files=None, kernel=None, scheduler="root", timeout=240,
-                 echo=False, mem_mb=1024, reserved_mb=64, smp=2):
+                 echo=False, mem_mb=1024, reserved_mb=64, smp=2, expect_warnings=False):
         self.kernel = kernel or kernel_versions()[-1]
         self.scheduler = scheduler
         self.workdir = Path(tempfile.mkdtemp(prefix="hvsim-"))
         self.transport = Transport(self.workdir, self._handle)
+        # a simulator exception ends the run at once (the guest CPU that made
+        # the request would otherwise spin until the timeout)
+        self.transport.on_error = lambda e: self.vm.kill()
         files = dict(files or {})
         files.setdefault("/hvsim/mshv_root.ko", module_path(self.kernel))
         files.setdefault("/hvsim/mshv_spec.py", ROOT / "gen" / "python" / "mshv_spec.py")
         self.vm = RootVM(script, files=files, kernel_version=self.kernel, mem_mb=mem_mb,
                          reserved_mb=reserved_mb, smp=smp, timeout=timeout,
                          extra_qemu_args=self.transport.qemu_args(), workdir=self.workdir,
-                         echo=echo)
+                         extra_cmdline=strict_cmdline(expect_warnings), echo=echo)
         self.hv = None
         self.smp = smp
         self.requests = 0
         self.error = None
+        self.error_text = ""
         self._lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------
@@ -87,6 +104,7 @@ class Simulator:
         result = self.vm.wait()
         if self.transport.error is not None:
             self.error = self.transport.error
+            self.error_text = self.transport.error_text
         return result
 
     def log_text(self):
@@ -168,6 +186,9 @@ class Simulator:
             "partitions": kids,
             "deposited_pages": sum(v for p, v in st["deposited_pages"].items() if p != root),
             "root_pool_pages": st["deposited_pages"].get(root, 0),
+            # root pages charged to live objects (child partitions): 0 when none live
+            "root_pool_used": st["root_pool_used"],
+            "contract_violations": st["contract_violations"],
             "mappings": sum(v for p, v in st["mappings"].items() if p != root),
             "large_mappings": st["large_mappings"],
             "vps": sum(len(v) for p, v in st["vps"].items() if p != root),

@@ -240,3 +240,27 @@ def test_unmap_unmapped(root):
     pid = root.new_guest()
     root.map_ram(pid, 0, 2)
     assert root.unmap(pid, 0, 3) == (S.HV_STATUS_INVALID_PARAMETER, 2)
+
+
+# ---------------------------------------------------------------- teardown order
+def test_finalize_with_mappings_drops_them_and_is_recorded(root):
+    """Hyper-V drops a partition's GPA mappings at finalize; the model does
+    too, and records the finalize as a violation of the driver's own
+    teardown order (unmap, then unpin, then finalize)."""
+    pid = root.new_guest(vps=0)
+    root.map_ram(pid, 0x100, 3)
+    assert root.fast(S.HVCALL_FINALIZE_PARTITION, pid) == S.HV_STATUS_SUCCESS
+    st = root.hv.stats()
+    assert st["mappings"][pid] == 0
+    assert st["contract_violations"] == [
+        f"FinalizePartition of {pid:#x} with 3 GPA pages still mapped "
+        "(the root did not unmap them first)"]
+
+
+def test_finalize_after_unmapping_is_not_recorded(root):
+    pid = root.new_guest(vps=0)
+    root.map_ram(pid, 0x100, 3)
+    assert root.unmap(pid, 0x100, 3)[0] == S.HV_STATUS_SUCCESS
+    assert root.fast(S.HVCALL_FINALIZE_PARTITION, pid) == S.HV_STATUS_SUCCESS
+    assert root.hv.stats()["contract_violations"] == []
+    assert root.hv.stats()["root_pool_used"] == 2, "the partition still exists: its cost stays"

@@ -82,6 +82,11 @@ class Transport:
         self._thread: threading.Thread | None = None
         self._closing = False
         self.error: BaseException | None = None
+        self.error_text = ""                     # its traceback
+        # called (once, from the failing thread) when a handler raises: the
+        # simulator stops the VM at once instead of letting the guest CPU
+        # spin on a request nobody will answer
+        self.on_error: Callable[[BaseException], None] | None = None
         self._workers_lock = threading.Lock()
         self._queues: dict = {}      # cpu -> queue of doorbell words
         self.doorbells = 0           # served requests
@@ -194,7 +199,7 @@ class Transport:
             if not self._closing:
                 raise
         except BaseException as e:              # surface handler bugs
-            self.error = e
+            self._fail(e)
             raise
 
     def _dispatch(self, word: int) -> None:
@@ -218,9 +223,17 @@ class Transport:
             try:
                 self._serve_one(word)
             except BaseException as e:          # surface handler bugs
-                if self.error is None:
-                    self.error = e
+                self._fail(e)
                 return
+
+    def _fail(self, e: BaseException) -> None:
+        import traceback
+        first = self.error is None
+        if first:
+            self.error = e
+            self.error_text = "".join(traceback.format_exception(e))
+            if self.on_error:
+                self.on_error(e)
 
     def _serve_one(self, word: int) -> None:
         t0 = time.perf_counter_ns()

@@ -215,6 +215,10 @@ class Hypervisor:
         self.log = []                 # list of strings (sliceable)
         self._log_size = log_size
         self.calls = collections.Counter()
+        # Things Hyper-V accepts but this project's driver promises never to
+        # do (docs/design.md, "Teardown order"): recorded, never refused, so
+        # a test can fail on them. One string each.
+        self.contract_violations = []
         self.statuses = collections.Counter()
         self._notify_q = []
         # knobs
@@ -381,7 +385,9 @@ class Hypervisor:
                         deposited_pages={pid: v["deposited"] for pid, v in parts.items()},
                         mappings={pid: v["mapped_pages"] for pid, v in parts.items()},
                         large_mappings=sum(v["maps_2m"] for v in parts.values()),
-                        vps={pid: v["vps"] for pid, v in parts.items()})
+                        vps={pid: v["vps"] for pid, v in parts.items()},
+                        contract_violations=list(self.contract_violations),
+                        root_pool_used=self.root.held_count())
 
     def report(self, last=40):
         st = self.stats()
@@ -524,6 +530,14 @@ class Hypervisor:
 
     def _hc_finalize_partition(self, c):
         p = self._child(c.inp.partition_id, (ST_CREATED, ST_INITIALIZED))
+        if p.gpa:
+            # Hyper-V drops the mappings itself; our driver unmaps every
+            # region before it unpins and finalizes, so pages it unpinned are
+            # never still mapped into the child.
+            msg = (f"FinalizePartition of {p.id:#x} with {len(p.gpa)} GPA pages "
+                   f"still mapped (the root did not unmap them first)")
+            self.contract_violations.append(msg)
+            self._log("contract: " + msg)
         for vp in list(p.vps.values()):
             self._destroy_vp(p, vp)
         self._unmap_all(p)
