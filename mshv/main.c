@@ -11,6 +11,7 @@
 #include <linux/fs.h>
 #include <linux/miscdevice.h>
 #include <linux/module.h>
+#include <linux/slab.h>
 
 #include "mshvr_hvcall.h"
 #include "mshvr_ioctl.h"
@@ -18,6 +19,29 @@
 
 /* HV_SCHEDULER_TYPE_* of the hypervisor; set once at load */
 u32 mshvr_scheduler;
+
+struct kmem_cache *mshvr_partition_cache;
+struct kmem_cache *mshvr_vp_cache;
+struct kmem_cache *mshvr_region_cache;
+
+static void mshvr_caches_exit(void)
+{
+	kmem_cache_destroy(mshvr_region_cache);
+	kmem_cache_destroy(mshvr_vp_cache);
+	kmem_cache_destroy(mshvr_partition_cache);
+}
+
+static int mshvr_caches_init(void)
+{
+	mshvr_partition_cache = KMEM_CACHE(mshvr_partition, SLAB_ACCOUNT);
+	mshvr_vp_cache = KMEM_CACHE(mshvr_vp, SLAB_ACCOUNT);
+	mshvr_region_cache = KMEM_CACHE(mshvr_region, SLAB_ACCOUNT);
+	if (!mshvr_partition_cache || !mshvr_vp_cache || !mshvr_region_cache) {
+		mshvr_caches_exit();
+		return -ENOMEM;
+	}
+	return 0;
+}
 
 /* /dev/mshv handlers */
 
@@ -96,9 +120,12 @@ static int __init mshvr_init(void)
 	ret = mshvr_seam_init();
 	if (ret)
 		return ret;
-	ret = mshvr_hv_call_init();
+	ret = mshvr_caches_init();
 	if (ret)
 		goto seam_exit;
+	ret = mshvr_hv_call_init();
+	if (ret)
+		goto caches_exit;
 	ret = mshvr_query_scheduler();
 	if (ret)
 		goto hv_call_exit;
@@ -117,6 +144,8 @@ synic_exit:
 	mshvr_seam_synic_exit();
 hv_call_exit:
 	mshvr_hv_call_exit();
+caches_exit:
+	mshvr_caches_exit();
 seam_exit:
 	mshvr_seam_exit();
 	return ret;
@@ -127,6 +156,7 @@ static void __exit mshvr_exit(void)
 	misc_deregister(&mshvr_dev);
 	mshvr_seam_synic_exit();
 	mshvr_hv_call_exit();
+	mshvr_caches_exit();
 	mshvr_seam_exit();
 }
 

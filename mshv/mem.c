@@ -117,7 +117,7 @@ static void mshvr_region_free(struct mshvr_region *r, u64 pinned)
 		unpin_user_pages_dirty_lock(r->pages, pinned,
 					    r->hv_flags & MSHVR_HV_MAP_GPA_WRITABLE);
 	kvfree(r->pages);
-	kfree(r);
+	kmem_cache_free(mshvr_region_cache, r);
 }
 
 void mshvr_region_destroy(struct mshvr_partition *pt, struct mshvr_region *r, bool hv_unmap)
@@ -128,7 +128,7 @@ void mshvr_region_destroy(struct mshvr_partition *pt, struct mshvr_region *r, bo
 		pr_err("partition %llu: LEAK: %llu pinned pages at gfn %#llx stay pinned\n",
 		       pt->id, r->nr_pages, r->start_gfn);
 		kvfree(r->pages);
-		kfree(r);
+		kmem_cache_free(mshvr_region_cache, r);
 		return;
 	}
 	mshvr_region_free(r, r->nr_pages);
@@ -193,7 +193,7 @@ int mshvr_region_map(struct mshvr_partition *pt, const struct mshv_user_mem_regi
 				return -EINVAL;
 	}
 
-	r = kzalloc(sizeof(*r), GFP_KERNEL_ACCOUNT);
+	r = kmem_cache_zalloc(mshvr_region_cache, GFP_KERNEL);
 	if (!r)
 		return -ENOMEM;
 	r->start_gfn = arg->guest_pfn;
@@ -205,7 +205,7 @@ int mshvr_region_map(struct mshvr_partition *pt, const struct mshv_user_mem_regi
 			      MSHVR_HV_MAP_GPA_NOT_CACHED;
 		ret = mshvr_region_hv_map(pt, r);
 		if (ret) {
-			kfree(r);
+			kmem_cache_free(mshvr_region_cache, r);
 			return ret;
 		}
 		list_add_tail(&r->node, &pt->regions);
@@ -214,7 +214,7 @@ int mshvr_region_map(struct mshvr_partition *pt, const struct mshv_user_mem_regi
 	r->hv_flags = (u32)mshvr_map_mshv_set_mem_bit(arg->flags);
 	r->pages = kvcalloc(nr, sizeof(*r->pages), GFP_KERNEL_ACCOUNT);
 	if (!r->pages) {
-		kfree(r);
+		kmem_cache_free(mshvr_region_cache, r);
 		return -ENOMEM;
 	}
 	ret = mshvr_region_pin(r, &pinned);

@@ -108,6 +108,16 @@ struct mshvr_vp {
 	wait_queue_head_t wq;
 };
 
+/*
+ * One slab cache per kind of driver object (created at load, destroyed at
+ * unload, charged to the creating task's memory cgroup): /proc/slabinfo
+ * shows how many exist, and an object still allocated at unload is reported
+ * by the slab allocator.
+ */
+extern struct kmem_cache *mshvr_partition_cache;
+extern struct kmem_cache *mshvr_vp_cache;
+extern struct kmem_cache *mshvr_region_cache;
+
 extern struct xarray mshvr_partitions;
 extern u32 mshvr_scheduler;	/* HV_SCHEDULER_TYPE_*, from the hypervisor */
 

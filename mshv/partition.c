@@ -88,7 +88,7 @@ static void mshvr_partition_destroy(struct mshvr_partition *pt)
 		pr_err("partition %llu: LEAK: delete failed (%d)\n", pt->id, ret);
 	xa_destroy(&pt->vps);
 	mutex_destroy(&pt->lock);
-	kfree(pt);
+	kmem_cache_free(mshvr_partition_cache, pt);
 }
 
 /* SynIC handler: an asynchronous hypercall of @partition_id finished. */
@@ -154,7 +154,7 @@ long mshvr_partition_create(const struct mshv_create_partition_v2 *arg)
 		banks[1] = arg->pt_cpu_fbanks[1];
 		xsave = arg->pt_disabled_xsave;
 	}
-	pt = kzalloc(sizeof(*pt), GFP_KERNEL_ACCOUNT);
+	pt = kmem_cache_zalloc(mshvr_partition_cache, GFP_KERNEL);
 	if (!pt)
 		return -ENOMEM;
 	refcount_set(&pt->ref, 1);
@@ -167,7 +167,7 @@ long mshvr_partition_create(const struct mshv_create_partition_v2 *arg)
 	ret = mshvr_hvcall_create_partition(pt->hv_flags, 0, 0, MSHVR_HV_COMPATIBILITY_21_H2,
 					    banks, xsave, 0, &out, NULL);
 	if (ret) {
-		kfree(pt);
+		kmem_cache_free(mshvr_partition_cache, pt);
 		return ret;
 	}
 	pt->id = out.partition_id;
@@ -195,7 +195,7 @@ put_fd:
 	put_unused_fd(fd);
 delete:
 	mshvr_hvcall_delete_partition(pt->id, NULL);
-	kfree(pt);
+	kmem_cache_free(mshvr_partition_cache, pt);
 	return ret;
 }
 

@@ -76,7 +76,7 @@ static void mshvr_vp_free(struct mshvr_vp *vp, bool delete)
 	if (delete && mshvr_hvcall_delete_vp(pt->id, vp->index, NULL))
 		pr_err("partition %llu vp %u: delete failed\n", pt->id, vp->index);
 	mutex_destroy(&vp->lock);
-	kfree(vp);
+	kmem_cache_free(mshvr_vp_cache, vp);
 }
 
 void mshvr_vp_destroy(struct mshvr_vp *vp)
@@ -160,7 +160,7 @@ int mshvr_vp_create(struct mshvr_partition *pt, u32 index)
 		return -EINVAL;
 	if (xa_load(&pt->vps, index))
 		return -EEXIST;
-	vp = kzalloc(sizeof(*vp), GFP_KERNEL_ACCOUNT);
+	vp = kmem_cache_zalloc(mshvr_vp_cache, GFP_KERNEL);
 	if (!vp)
 		return -ENOMEM;
 	vp->partition = pt;
@@ -170,7 +170,7 @@ int mshvr_vp_create(struct mshvr_partition *pt, u32 index)
 
 	ret = mshvr_hvcall_create_vp(pt->id, index, 0, 0, 0, 0, 0, NULL);
 	if (ret) {
-		kfree(vp);
+		kmem_cache_free(mshvr_vp_cache, vp);
 		return ret;
 	}
 	ret = mshvr_map_state_page(pt, index, MSHVR_HV_VP_STATE_PAGE_INTERCEPT_MESSAGE,

@@ -210,10 +210,41 @@ def free_pages():
     return total
 
 
+def slabinfo():
+    """/proc/slabinfo as {cache: (active objects, object size)}. The root
+    boots with slub_debug and slab_nomerge, which makes the counts exact
+    (debug caches keep no per-CPU slabs) and gives every cache its own
+    line."""
+    caches = {}
+    with open("/proc/slabinfo") as f:
+        for line in f:
+            w = line.split()
+            if len(w) > 3 and not line.startswith(("#", "slabinfo")):
+                caches[w[0]] = (int(w[1]), int(w[3]))
+    return caches
+
+
+def kmalloc_bytes(caches):
+    """Bytes in use in the kmalloc caches (kmalloc-*, the cgroup-accounted
+    and DMA variants; not the reclaimable ones)."""
+    return sum(n * size for name, (n, size) in caches.items()
+               if name.startswith(("kmalloc-", "kmalloc-cg-", "dma-kmalloc-"))
+               and not name.startswith("kmalloc-rcl-"))
+
+
+# The driver's own object caches (mshv/main.c): none may outlive a test.
+MODULE_CACHES = ("mshvr_partition", "mshvr_vp", "mshvr_region")
+
+
 def module_refcount():
     with open("/sys/module/mshv_root/refcnt") as f:
         return int(f.read())
 
+
+# kmalloc bytes a test may leave allocated: the runner's own file opens and
+# debugfs reads leave 160 to 800 bytes (measured on 6.1 and 6.12). The
+# driver's transient buffers (a 4 KiB PFN or bounce page) are above it.
+KMALLOC_TOLERANCE = 2048
 
 # Pages a test may leave allocated without being called a leak: the test
 # process's own heap, page tables and slab growth. Measured at most about
@@ -231,14 +262,15 @@ class Baseline:
         self.violations = len(q["contract_violations"])
         self.pins = pinned_pages()
         self.free = free_pages()
+        self.kmalloc = kmalloc_bytes(slabinfo())
 
 
 def assert_clean(base):
     """After a test: nothing the test made is left anywhere. The simulator
     holds no child partitions, deposited pages, mappings or root pool
     charges, and saw no teardown-order violation; Linux has no extra pinned
-    pages, no module reference and (within FREE_PAGES_TOLERANCE) no fewer
-    free pages."""
+    pages, no module reference, no driver object (MODULE_CACHES), and within
+    stated tolerances no fewer free pages and no more kmalloc memory."""
     q = sim_query()
     assert q["partitions"] == [], f"simulator still holds partitions {q['partitions']}"
     assert q["deposited_pages"] == 0, f"{q['deposited_pages']} pages still deposited"
@@ -259,7 +291,14 @@ def assert_clean(base):
         lost = base.free - free_pages()
     assert lost <= FREE_PAGES_TOLERANCE, \
         f"{lost} pages fewer free than before the test (tolerance {FREE_PAGES_TOLERANCE})"
-    return lost
+    caches = slabinfo()
+    for name in MODULE_CACHES:
+        assert name in caches, f"no slab cache {name} (is the module loaded?)"
+        assert caches[name][0] == 0, f"{caches[name][0]} {name} objects still allocated"
+    grown = kmalloc_bytes(caches) - base.kmalloc
+    assert grown <= KMALLOC_TOLERANCE, \
+        f"kmalloc caches hold {grown} bytes more than before (tolerance {KMALLOC_TOLERANCE})"
+    return lost, grown
 
 
 # -- TAP runner -----------------------------------------------------------
@@ -341,8 +380,8 @@ def run_tests(namespace, only=None):
         diag = []
         try:
             fn()
-            lost = assert_clean(base)
-            diag.append(f"free pages lost: {lost}")
+            lost, kgrow = assert_clean(base)
+            diag.append(f"free pages lost: {lost}, kmalloc bytes grown: {kgrow}")
             allowed = getattr(fn, "expected_kernel_log", [])
             splats = [ln for ln in klog.read() if KernelLog.SPLAT.search(ln)
                       and not any(p.search(ln) for p in allowed)]
