@@ -72,7 +72,12 @@ class Wrapper:
         return f"int {self.fn}({', '.join(args)})"
 
     def proto(self):
-        return "/* " + self.h.doc + " */\n" + self.signature() + ";\n"
+        out = "/* " + self.h.doc + " */\n"
+        if self.h.form == "rep":
+            # callers size their rep arrays to whole hypercalls with it
+            out += (f"#define {self.fn.upper()}_REP_BATCH\t"
+                    f"{self.h.batch(self.spec.abi.page_size)}\t/* reps per hypercall */\n")
+        return out + self.signature() + ";\n"
 
     # -- pieces --------------------------------------------------------------
     def _mbz_guards(self):

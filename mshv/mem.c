@@ -19,6 +19,7 @@
 #include <linux/sched/mm.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
+#include <linux/vmalloc.h>
 
 #include "mshvr_hvcall.h"
 #include "mshvr_ioctl.h"
@@ -78,37 +79,63 @@ static int mshvr_region_hv_unmap(struct mshvr_partition *pt, struct mshvr_region
 	return err;
 }
 
+/* Frame numbers per MapGpaPages call: exactly one hypercall's worth, so the
+ * buffer is one page whatever the size of the region.
+ */
+#define MSHVR_MAP_BATCH		MSHVR_HVCALL_MAP_GPA_PAGES_REP_BATCH
+
 /* Map @r into the hypervisor; on failure unmap what was mapped. */
 static int mshvr_region_hv_map(struct mshvr_partition *pt, struct mshvr_region *r)
 {
-	u64 *pfns, i = 0, j, k, n;
-	u32 done;
+	u64 *pfns, i = 0, j, k, step;
+	u32 n, done;
 	bool large;
 	int ret = 0;
 
-	pfns = kvmalloc_array(r->nr_pages, sizeof(*pfns), GFP_KERNEL);
+	pfns = kmalloc_array(MSHVR_MAP_BATCH, sizeof(*pfns), GFP_KERNEL);
 	if (!pfns)
 		return -ENOMEM;
 	while (i < r->nr_pages) {
+		/* the next run of same-sized pages, at most one batch of it */
 		j = mshvr_region_run(pt, r, i, r->nr_pages, &large);
+		step = large ? MSHVR_LARGE_PAGES : 1;
+		j = min(j, i + MSHVR_MAP_BATCH * step);
 		n = 0;
-		for (k = i; k < j; k += large ? MSHVR_LARGE_PAGES : 1)
+		for (k = i; k < j; k += step)
 			pfns[n++] = r->pages ? page_to_pfn(r->pages[k]) : r->mmio_pfn + k;
 		done = 0;
 		ret = mshvr_hvcall_map_gpa_pages(pt->id, r->start_gfn + i,
 						 r->hv_flags | (large ? MSHVR_HV_MAP_GPA_LARGE_PAGE : 0),
 						 pfns, n, &done, NULL);
 		if (ret) {
-			/* undo exactly what is mapped: the runs before, and part of this one */
-			if (mshvr_region_hv_unmap(pt, r, i + (u64)done *
-						  (large ? MSHVR_LARGE_PAGES : 1)))
+			/* undo exactly what is mapped: the batches before, and part of this one */
+			if (mshvr_region_hv_unmap(pt, r, i + (u64)done * step))
 				pr_err("partition %llu: unmap after failed map failed\n", pt->id);
 			break;
 		}
 		i = j;
+		cond_resched();
 	}
-	kvfree(pfns);
+	kfree(pfns);
 	return ret;
+}
+
+/*
+ * The array of pinned pages of an @nr-page region, zeroed. kvmalloc refuses
+ * (with a WARN) anything above INT_MAX bytes, a region of 1 TiB: larger
+ * arrays come from vmalloc. Failure is -ENOMEM for the caller, never a
+ * splat: the size is the VMM's to choose.
+ */
+static struct page **mshvr_alloc_page_array(u64 nr)
+{
+	size_t bytes;
+
+	if (nr > SIZE_MAX / sizeof(struct page *))
+		return NULL;
+	bytes = nr * sizeof(struct page *);
+	if (bytes <= INT_MAX)
+		return kvzalloc(bytes, GFP_KERNEL_ACCOUNT | __GFP_NOWARN);
+	return __vmalloc(bytes, GFP_KERNEL_ACCOUNT | __GFP_ZERO | __GFP_NOWARN);
 }
 
 static void mshvr_region_free(struct mshvr_region *r, u64 pinned)
@@ -212,7 +239,7 @@ int mshvr_region_map(struct mshvr_partition *pt, const struct mshv_user_mem_regi
 		return 0;
 	}
 	r->hv_flags = (u32)mshvr_map_mshv_set_mem_bit(arg->flags);
-	r->pages = kvcalloc(nr, sizeof(*r->pages), GFP_KERNEL_ACCOUNT);
+	r->pages = mshvr_alloc_page_array(nr);
 	if (!r->pages) {
 		kmem_cache_free(mshvr_region_cache, r);
 		return -ENOMEM;

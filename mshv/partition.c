@@ -17,8 +17,8 @@
 /* hypervisor partition id -> struct mshvr_partition; RCU readers (ISR) */
 DEFINE_XARRAY(mshvr_partitions);
 
-/* Pages taken back per WithdrawMemory call */
-#define MSHVR_WITHDRAW_BATCH	512
+/* Pages taken back per WithdrawMemory call: what one hypercall returns */
+#define MSHVR_WITHDRAW_BATCH	MSHVR_HVCALL_WITHDRAW_MEMORY_REP_BATCH
 
 /*
  * Take back every page deposited into @id's pool and free it. Returns 0 when

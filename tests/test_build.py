@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from conftest import ROOT, run
+from conftest import ROOT, need_tool, run
 
 
 def _kernels():
@@ -24,9 +24,17 @@ def test_both_debian_kernels_have_headers():
 
 @pytest.fixture(scope="module")
 def built():
+    # scripts/build-debian.sh runs sparse (C=1) only when it is installed:
+    # "no sparse warnings" means nothing without it
+    need_tool("sparse")
     r = run(["make", "--no-print-directory", "debian-modules"], cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
+
+
+def _build_log(series):
+    kver = next(k for k in _kernels() if k.startswith(series))
+    return open(os.path.join(ROOT, "build", kver, "build.log"), encoding="utf-8").read()
 
 
 @pytest.mark.parametrize("series", ["6.1.0-", "6.12."])
@@ -34,11 +42,29 @@ def test_module_builds_without_warnings(built, series):
     kver = next(k for k in _kernels() if k.startswith(series))
     ko = os.path.join(ROOT, "build", kver, "mshv_root.ko")
     assert os.path.isfile(ko)
-    log = open(os.path.join(ROOT, "build", kver, "build.log"), encoding="utf-8").read()
+    log = _build_log(series)
     assert "warning:" not in log and "error:" not in log
     assert "W=1" in built or "(W=1)" in built
     info = run(["modinfo", "-F", "vermagic", ko]).stdout
     assert info.startswith(kver + " ")
+
+
+@pytest.mark.parametrize("series", ["6.1.0-", "6.12."])
+def test_sparse_checked_every_source_file(built, series):
+    # kbuild prints "  CC [M]  <dir>/x.o" per compiled object and, with C=1,
+    # "  CHECK   <dir>/x.c" per file sparse checked
+    log = _build_log(series)
+    compiled, checked = set(), set()
+    for line in log.splitlines():
+        w = line.split()
+        if w[:2] == ["CC", "[M]"] and w[2].endswith(".o"):
+            name = os.path.basename(w[2])
+            if name not in ("mshv_root.mod.o", ".module-common.o"):   # kbuild's own glue
+                compiled.add(w[2][:-2] + ".c")
+        elif w[:1] == ["CHECK"]:
+            checked.add(w[1])
+    assert any(c.endswith("/mshv/main.c") for c in compiled), f"no module source compiled:\n{log}"
+    assert compiled - checked == set(), f"sparse did not check {sorted(compiled - checked)}"
 
 
 def test_generated_code_is_linked_in(built):

@@ -87,12 +87,38 @@ def test_control_word_fields(spec):
     assert r["status"] == (0, 16) and r["reps_completed"] == (32, 12)
 
 
+def _sections(doc):
+    """{title: body} for every reStructuredText section of the document; a
+    body runs to the next title of any level."""
+    lines = doc.splitlines()
+    titles = [i for i in range(len(lines) - 1)
+              if lines[i].strip() and len(lines[i + 1]) == len(lines[i])
+              and len(set(lines[i + 1])) == 1 and lines[i + 1][0] in "=-~"]
+    out = {}
+    for n, i in enumerate(titles):
+        end = titles[n + 1] if n + 1 < len(titles) else len(lines)
+        out[lines[i]] = lines[i + 2:end]
+    return out
+
+
+def _errors_table(body):
+    """The rows of a section's "Errors:" table as [(errno, description)]."""
+    i = body.index("Errors:")
+    rule = next(j for j in range(i, len(body)) if body[j].startswith("=========="))
+    end = body.index(body[rule], rule + 1)
+    return [tuple(row.split(None, 1)) for row in body[rule + 1:end]]
+
+
 def test_the_docs_describe_every_ioctl_and_hypercall(gen_dir, spec):
     doc = open(os.path.join(gen_dir, "doc", "mshv-api.rst"), encoding="utf-8").read()
+    sections = _sections(doc)
     for x in spec.uapi.ioctls:
-        assert f"{x.name}\n~" in doc
-        assert f"0x{x.number:08X}" in doc
-        for e in x.errors:
-            assert e["errno"] in doc
+        title = [t for t in sections if t.split()[-1] == x.name]
+        assert len(title) == 1, f"{x.name}: sections {title}"
+        body = sections[title[0]]
+        assert any(ln.startswith(":Number:") and ln.endswith(f"``0x{x.number:08X}``")
+                   for ln in body), x.name
+        # each documented errno in this ioctl's own table, with its own text
+        assert _errors_table(body) == [(e["errno"], e["when"]) for e in x.errors], x.name
     for h in spec.hypercalls:
-        assert f"HvCall {h.name} (0x{h.code:04x})" in doc
+        assert f"HvCall {h.name} (0x{h.code:04x})" in sections, h.name

@@ -2,12 +2,14 @@
 properties, VP registers, intercepts, memory deposits, GPA maps, VP
 creation and dispatch. Runs inside the simulated root partition; TAP."""
 
+import ctypes
 import errno
 import os
 import sys
 
 import mshv_spec as S
-from mshvlib import GuestMemory, Partition, expect_errno, ioctl, open_mshv, run_tests, sim_query
+from mshvlib import (GuestMemory, Partition, expect_errno, ioctl, open_mshv, run_tests,
+                     sim_control, sim_query)
 
 # cpuid; out %al,$0x80; hlt   (real mode)
 CPUID_CODE = bytes([0x0F, 0xA2, 0xE6, 0x80, 0xF4])
@@ -197,14 +199,32 @@ def test_unmapped_gpa_intercept():
     os.close(mshv)
 
 
+def _deposit_policy(code):
+    """(pages deposited up front, DepositMemory calls that takes) per the spec."""
+    pages = S.HYPERCALLS[code]["deposit"]["initial"]
+    batch = S.HYPERCALLS[S.HVCALL_DEPOSIT_MEMORY]["batch"]       # PFNs per DepositMemory
+    return pages, (pages + batch - 1) // batch
+
+
+def _deposit_calls(q):
+    return q["calls"].get("deposit_memory", 0)
+
+
 def test_deposits_follow_the_spec():
+    init_pages, init_calls = _deposit_policy(S.HVCALL_INITIALIZE_PARTITION)
+    vp_pages, vp_calls = _deposit_policy(S.HVCALL_CREATE_VP)
     mshv = open_mshv()
-    before = sim_query()["calls"].get("deposit_memory", 0)
-    pt = Partition(mshv)                 # initialize deposits up front
-    pt.vp(0)                             # so does create_vp
-    after = sim_query()
-    assert after["calls"].get("deposit_memory", 0) >= before + 2, after["calls"]
-    assert after["deposited_pages"] >= 208 + 90, after["deposited_pages"]
+    pt = Partition(mshv, initialize=False)
+    q0 = sim_query()                     # creating deposits into the root only (on demand)
+    assert q0["deposited_pages"] == 0, q0["deposited_pages"]
+    ioctl(pt.fd, S.MSHV_INITIALIZE_PARTITION)
+    q1 = sim_query()
+    assert q1["deposited_pages"] == init_pages, (q1["deposited_pages"], init_pages)
+    assert _deposit_calls(q1) - _deposit_calls(q0) == init_calls
+    pt.vp(0)
+    q2 = sim_query()
+    assert q2["deposited_pages"] == init_pages + vp_pages, (q2["deposited_pages"], vp_pages)
+    assert _deposit_calls(q2) - _deposit_calls(q1) == vp_calls
     pt.close()
     os.close(mshv)
 
@@ -228,6 +248,101 @@ def test_two_vps():
     assert sim_query()["vps"] == 2
     expect_errno(errno.EEXIST, pt.vp, 1)
     del a, b
+    pt.close()
+    os.close(mshv)
+
+
+# -- passthrough output on failure -----------------------------------------
+# MSHV_ROOT_HVCALL zeroes the output buffer (tlfs_spec/uapi.yaml): the
+# out_sz bytes copied back hold what the hypervisor wrote and zeroes, never
+# stale kernel memory, on failure as on success.
+
+def _hvcall_raw(fd, code, inp, out_size, reps=0):
+    """MSHV_ROOT_HVCALL with the output buffer prefilled with 0xAA; returns
+    (errno or 0, the argument as written back, output bytes)."""
+    inbuf = ctypes.create_string_buffer(bytes(inp), len(inp))
+    outbuf = ctypes.create_string_buffer(b"\xaa" * out_size, out_size)
+    a = S.mshv_root_hvcall(code=code, reps=reps, in_sz=len(inp), out_sz=out_size,
+                           in_ptr=ctypes.addressof(inbuf), out_ptr=ctypes.addressof(outbuf))
+    try:
+        ioctl(fd, S.MSHV_ROOT_HVCALL, a)
+        err = 0
+    except OSError as e:
+        err = e.errno
+    return err, a, outbuf.raw
+
+
+def _dirty_bounce_buffers(pt):
+    """Free kernel memory of the bounce buffers' size class (4 KiB) full of
+    a pattern: a passthrough call whose whole input page is the pattern. The
+    next call's buffers are likely those very objects, so an output buffer
+    the driver failed to zero comes back with the pattern (or, with slab
+    poisoning, with the poison)."""
+    inp = bytes(S.hv_input_get_partition_property(
+        property_code=S.HV_PARTITION_PROPERTY_TIME_FREEZE))
+    err, _a, _out = _hvcall_raw(pt.fd, S.HVCALL_GET_PARTITION_PROPERTY,
+                                inp + b"\x5c" * (4096 - len(inp)), 4096)
+    assert err == 0, errno.errorcode.get(err)
+
+
+def _first_nonzero(data, start):
+    for i in range(start, len(data)):
+        if data[i]:
+            return f"byte {i} is {data[i]:#04x} ({data[i:i + 16].hex()}...)"
+    return None
+
+
+def _on_one_cpu():
+    """Pin this thread to one CPU (slab free lists are per CPU); returns the
+    old affinity."""
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {os.sched_getaffinity(0).pop()})
+    return old
+
+
+def test_failed_passthrough_call_returns_zeroed_output():
+    mshv = open_mshv()
+    pt = Partition(mshv)
+    inp = S.hv_input_get_partition_property(property_code=S.HV_PARTITION_PROPERTY_TIME_FREEZE)
+    old = _on_one_cpu()
+    try:
+        _dirty_bounce_buffers(pt)
+        sim_control("fail_next get_partition_property HV_STATUS_ACCESS_DENIED")
+        err, a, out = _hvcall_raw(pt.fd, S.HVCALL_GET_PARTITION_PROPERTY, bytes(inp), 4096)
+    finally:
+        os.sched_setaffinity(0, old)
+    assert err == errno.EIO, errno.errorcode.get(err)
+    assert a.status == S.HV_STATUS_ACCESS_DENIED, hex(a.status)
+    bad = _first_nonzero(out, 0)
+    assert bad is None, f"the hypervisor wrote nothing, yet {bad}"
+    pt.close()
+    os.close(mshv)
+
+
+def test_partly_failed_rep_call_returns_completed_reps_then_zeroes():
+    mshv = open_mshv()
+    pt = Partition(mshv)
+    vp = pt.vp(0)
+    rax = 0x1122334455667788
+    assert vp.set_regs([(S.HV_X64_REGISTER_RAX, rax)]) == (0, 1)
+    # rep 0 is read, rep 1 is an unknown name: the hypervisor writes rep 0's
+    # value and fails with reps completed = 1; reps 2 and 3 never happen
+    names = [S.HV_X64_REGISTER_RAX, 0x7FFFFFF0, S.HV_X64_REGISTER_RBX, S.HV_X64_REGISTER_RCX]
+    inp = bytes(S.hv_input_get_vp_registers(vp_index=0)) + \
+        b"".join(n.to_bytes(4, "little") for n in names)
+    old = _on_one_cpu()
+    try:
+        _dirty_bounce_buffers(pt)
+        err, a, out = _hvcall_raw(vp.fd, S.HVCALL_GET_VP_REGISTERS, inp, 4096, reps=len(names))
+    finally:
+        os.sched_setaffinity(0, old)
+    assert err == errno.EINVAL, errno.errorcode.get(err)
+    assert a.status == S.HV_STATUS_INVALID_PARAMETER, hex(a.status)
+    assert a.reps == 1, a.reps
+    v = S.hv_register_value.from_buffer_copy(out[:16])
+    assert (v.low, v.high) == (rax, 0), "the completed rep's output came back"
+    bad = _first_nonzero(out, 16)
+    assert bad is None, f"past the completed rep {bad}"
     pt.close()
     os.close(mshv)
 

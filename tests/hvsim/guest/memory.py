@@ -61,14 +61,72 @@ def test_map_resumes_partial_rep_completion():
     _done(mshv, pt)
 
 
-def test_overlapping_regions_are_refused():
+# Overlap rules: regions are [guest_pfn, guest_pfn + size) in guest pages; a
+# new region may touch an existing one but not share a page with it. Each
+# test maps the existing region at EXISTING, tries one new region, and
+# checks the simulator holds exactly the pages that were accepted.
+EXISTING = 0x104000          # GPA of the existing 4-page region [0x104000, 0x108000)
+
+
+def _existing(pt):
+    mem = GuestMemory(4 * 4096)
+    pt.map(mem, EXISTING)
+    assert sim_query()["mappings"] == 4
+    return mem
+
+
+def _refused(pt, gpa, pages):
+    """A new region of `pages` pages at `gpa` is refused with EEXIST and
+    leaves the existing region as it was."""
+    mem = GuestMemory(pages * 4096)
+    expect_errno(errno.EEXIST, pt.map, mem, gpa)
+    assert sim_query()["mappings"] == 4, "only the existing region is mapped"
+
+
+def test_adjacent_regions_are_accepted():
     mshv, pt = _pt()
-    a = GuestMemory(4 * 4096)
-    big = GuestMemory(16 * 4096)
-    pt.map(a, 0x104000)
-    expect_errno(errno.EEXIST, pt.map, a, 0x106000, 4 * 4096)             # overlaps the end
-    expect_errno(errno.EEXIST, pt.map, big, 0x100000)                      # encloses it
-    pt.map(big, 0x200000)                                                  # elsewhere: fine
+    _existing(pt)
+    below = GuestMemory(4 * 4096)
+    above = GuestMemory(4 * 4096)
+    pt.map(below, EXISTING - 4 * 4096)        # ends exactly where the existing one starts
+    assert sim_query()["mappings"] == 8
+    pt.map(above, EXISTING + 4 * 4096)        # starts exactly where it ends
+    assert sim_query()["mappings"] == 12
+    _done(mshv, pt)
+
+
+def test_region_inside_an_existing_one_is_refused():
+    mshv, pt = _pt()
+    _existing(pt)
+    _refused(pt, EXISTING + 4096, 2)          # pages 1-2 of 0-3
+    _done(mshv, pt)
+
+
+def test_region_overlapping_the_end_is_refused():
+    mshv, pt = _pt()
+    _existing(pt)
+    _refused(pt, EXISTING + 3 * 4096, 4)      # starts on its last page, extends past it
+    _done(mshv, pt)
+
+
+def test_region_overlapping_the_start_is_refused():
+    mshv, pt = _pt()
+    _existing(pt)
+    _refused(pt, EXISTING - 3 * 4096, 4)      # starts before it, ends on its first page
+    _done(mshv, pt)
+
+
+def test_region_enclosing_an_existing_one_is_refused():
+    mshv, pt = _pt()
+    _existing(pt)
+    _refused(pt, EXISTING - 4096, 6)
+    _done(mshv, pt)
+
+
+def test_region_with_the_same_start_is_refused():
+    mshv, pt = _pt()
+    _existing(pt)
+    _refused(pt, EXISTING, 4)                 # the same GPA range again (other memory)
     _done(mshv, pt)
 
 
@@ -92,44 +150,106 @@ def test_memory_without_a_vma_is_refused():
     _done(mshv, pt)
 
 
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
+KPF_COMPOUND_HEAD, KPF_THP = 15, 22          # /proc/kpageflags bits
+PM_PRESENT = 1 << 63                          # /proc/self/pagemap
+PM_PFN_MASK = (1 << 55) - 1
+
+
+def _backing_pfns(addr, pages):
+    """Host frame of each page of [addr, +pages*4096) (None: not present)."""
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        raw = os.pread(fd, 8 * pages, addr // 4096 * 8)
+    finally:
+        os.close(fd)
+    out = []
+    for i in range(pages):
+        e = int.from_bytes(raw[8 * i:8 * i + 8], "little")
+        out.append(e & PM_PFN_MASK if e & PM_PRESENT else None)
+    return out
+
+
+def _kpageflags(pfn):
+    fd = os.open("/proc/kpageflags", os.O_RDONLY)
+    try:
+        return int.from_bytes(os.pread(fd, 8, pfn * 8), "little")
+    finally:
+        os.close(fd)
+
+
+def _is_huge_page(addr):
+    """Is the 2 MiB at addr one transparent huge page: 512 present frames,
+    contiguous from a 2 MiB-aligned head frame that kpageflags marks THP?"""
+    pfns = _backing_pfns(addr, 512)
+    if None in pfns or pfns[0] % 512 or pfns != list(range(pfns[0], pfns[0] + 512)):
+        return False
+    flags = _kpageflags(pfns[0])
+    return bool(flags & (1 << KPF_THP)) and bool(flags & (1 << KPF_COMPOUND_HEAD))
+
+
+class HugePage:
+    """2 MiB of anonymous memory, 2 MiB aligned, backed by one transparent
+    huge page; the constructor fails unless it really is one. THP is
+    switched from "never" to "madvise" for this if need be (and back on
+    close); a fault that falls back to 4 KiB pages is collapsed with
+    MADV_COLLAPSE."""
+
+    size = MB2
+
+    def __init__(self):
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(THP_ENABLED) as f:
+            self.thp_was = f.read().split("[")[1].split("]")[0]
+        if self.thp_was == "never":
+            with open(THP_ENABLED, "w") as f:
+                f.write("madvise")
+        try:
+            self._fault_in(libc)
+        except BaseException:
+            self.close()
+            raise
+
+    def _fault_in(self, libc):
+        self.raw = mmap.mmap(-1, 2 * MB2, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.raw))
+        self.addr = (base + MB2 - 1) & ~(MB2 - 1)
+        ok = libc.madvise(ctypes.c_void_p(self.addr), ctypes.c_size_t(MB2), MADV_HUGEPAGE) == 0
+        assert ok, f"MADV_HUGEPAGE: errno {ctypes.get_errno()}"
+        ctypes.memset(self.addr, 1, MB2)             # fault it in
+        if not _is_huge_page(self.addr):
+            libc.madvise(ctypes.c_void_p(self.addr), ctypes.c_size_t(MB2), MADV_COLLAPSE)
+        pfns = _backing_pfns(self.addr, 512)
+        assert _is_huge_page(self.addr), \
+            f"no transparent huge page at {self.addr:#x} (THP {self.thp_was}): first frames " \
+            f"{[hex(p) if p is not None else None for p in pfns[:4]]}"
+
+    def close(self):
+        if self.thp_was == "never":
+            with open(THP_ENABLED, "w") as f:
+                f.write("never")
+
+
 def test_two_mib_pages_use_large_mappings():
     mshv, pt = _pt(flags=1 << S.MSHV_PT_BIT_GPA_SUPER_PAGES)
-    # 4 MiB aligned to 2 MiB, asked for transparent huge pages
-    raw = mmap.mmap(-1, 3 * MB2, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(raw))
-    start = (base + MB2 - 1) & ~(MB2 - 1)
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(MB2), 14) == 0  # MADV_HUGEPAGE
-    ctypes.memset(start, 1, MB2)        # fault it in (as one huge page when THP allows)
-
-    class M:
-        size = MB2
-        addr = start
-    pt.map(M, 0x40000000)
+    hp = HugePage()
+    pt.map(hp, 0x40000000)
     q = sim_query()
     assert q["mappings"] == 512
     assert q["large_mappings"] == 1, f"expected one 2 MiB mapping: {q}"
-    pt.close()
-    os.close(mshv)
+    _done(mshv, pt)
+    hp.close()
 
 
 def test_large_pages_need_the_partition_flag():
     mshv, pt = _pt()                       # no GPA_SUPER_PAGES
-    raw = mmap.mmap(-1, 3 * MB2, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(raw))
-    start = (base + MB2 - 1) & ~(MB2 - 1)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(MB2), 14)
-    ctypes.memset(start, 1, MB2)
-
-    class M:
-        size = MB2
-        addr = start
-    pt.map(M, 0x40000000)
+    hp = HugePage()                        # a huge page the driver could map large
+    pt.map(hp, 0x40000000)
     q = sim_query()
     assert q["mappings"] == 512 and q["large_mappings"] == 0, q
-    pt.close()
-    os.close(mshv)
+    _done(mshv, pt)
+    hp.close()
 
 
 def _bitmap(pt, base_gfn, count, kind, op):
@@ -230,6 +350,76 @@ def test_mmio_region_must_fit_its_mapping():
     _done(mshv, pt)
     bar.close()
     os.close(fd)
+
+
+def _system_ram():
+    """Top-level "System RAM" ranges of /proc/iomem: [(start, end inclusive)]."""
+    out = []
+    with open("/proc/iomem") as f:
+        for line in f:
+            if not line.startswith(" ") and line.rstrip().endswith(": System RAM"):
+                start, end = line.split(":")[0].strip().split("-")
+                out.append((int(start, 16), int(end, 16)))
+    return out
+
+
+def _is_ram(addr):
+    return any(s <= addr and addr + 4095 <= e for s, e in _system_ram())
+
+
+def _low_ram_edge():
+    """A page below 1 MiB that is not RAM followed by one that is: /dev/mem
+    lets root map both (STRICT_DEVMEM allows the first MiB)."""
+    for start, _end in _system_ram():
+        first = (start + 4095) & ~4095
+        if 4096 <= first < (1 << 20) and not _is_ram(first - 4096):
+            return first - 4096
+    raise AssertionError(f"no RAM below 1 MiB after a non-RAM page: {_system_ram()}")
+
+
+class DevMem:
+    """A /dev/mem mapping: VM_IO | VM_PFNMAP, vm_pgoff = the physical frame."""
+
+    def __init__(self, phys, pages):
+        self.fd = os.open("/dev/mem", os.O_RDWR)
+        self.mm = mmap.mmap(self.fd, pages * 4096, mmap.MAP_SHARED,
+                            mmap.PROT_READ | mmap.PROT_WRITE, offset=phys)
+        self.size = pages * 4096
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+
+    def close(self):
+        os.close(self.fd)          # the mapping itself goes with the object
+
+
+def test_device_mapping_of_ram_is_refused():
+    edge = _low_ram_edge()
+    ram = edge + 4096
+    assert _is_ram(ram)
+    dev = DevMem(ram, 1)
+    mshv, pt = _pt()
+    pins = pinned_pages()
+    expect_errno(errno.EINVAL, pt.map, dev, 0xF0000000)
+    assert sim_query()["mappings"] == 0
+    assert pinned_pages() == pins
+    _done(mshv, pt)
+    dev.close()
+
+
+def test_device_mapping_reaching_into_ram_is_refused():
+    edge = _low_ram_edge()                 # not RAM; the next page is
+    dev = DevMem(edge, 2)
+    mshv, pt = _pt()
+
+    class First:                           # the first page alone is MMIO: accepted
+        size = 4096
+        addr = dev.addr
+    pt.map(First, 0xF0000000)
+    assert sim_query()["mappings"] == 1
+    pt.unmap(First, 0xF0000000)
+    expect_errno(errno.EINVAL, pt.map, dev, 0xF0000000)   # both pages: contains RAM
+    assert sim_query()["mappings"] == 0
+    _done(mshv, pt)
+    dev.close()
 
 
 if __name__ == "__main__":

@@ -340,11 +340,24 @@ class KernelLog:
             f.write(f"<5>{text}\n")
 
 
+def open_fds():
+    """The fds open now (without the one os.listdir used for the listing:
+    it is closed again, and the next open may reuse its number)."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(name))
+        except OSError:
+            continue
+        fds.add(name)
+    return fds
+
+
 def _close_new_fds(before):
     """After a failed test: close what it left open, so the next test starts clean."""
     import gc
     gc.collect()
-    for fd in set(os.listdir("/proc/self/fd")) - before:
+    for fd in open_fds() - before:
         try:
             os.close(int(fd))
         except OSError:
@@ -376,7 +389,7 @@ def run_tests(namespace, only=None):
         KernelLog.mark(f"hvsim-test: start {name}")
         klog.read()
         base = Baseline()
-        fds = set(os.listdir("/proc/self/fd"))
+        fds = open_fds()
         diag = []
         try:
             fn()

@@ -12,7 +12,7 @@ import threading
 import time
 
 import mshv_spec as S
-from mshvlib import GuestMemory, Partition, expect_errno, ioctl, open_mshv, run_tests
+from mshvlib import GuestMemory, Partition, expect_errno, ioctl, open_mshv, run_tests, sim_query
 
 PAGE = 4096
 LOOP = bytes([0xEB, 0xFE])                            # jmp .
@@ -48,9 +48,16 @@ def test_vp_index_limit():
 
 def test_initialize_is_idempotent():
     mshv = open_mshv()
-    pt = Partition(mshv)
-    ioctl(pt.fd, S.MSHV_INITIALIZE_PARTITION)
-    pt.vp(0)
+    pt = Partition(mshv)                                 # initialized once
+    before = sim_query()
+    assert ioctl(pt.fd, S.MSHV_INITIALIZE_PARTITION) == 0
+    after = sim_query()
+    for call in ("initialize_partition", "deposit_memory"):
+        assert after["calls"].get(call, 0) == before["calls"].get(call, 0), \
+            f"the second initialize issued {call}"
+    assert after["deposited_pages"] == before["deposited_pages"]
+    pt.vp(0)                                             # and the partition still works
+    assert sim_query()["vps"] == 1
     pt.close()
     os.close(mshv)
 
