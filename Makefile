@@ -6,6 +6,9 @@
 #   make run      the main job: set up, build for Debian 12's 6.1 and 6.12,
 #                 show what was built (later: boot the simulated root)
 #   make check    set up and run the tests
+#   make mutate [ONLY="id ..."] [KERNELS=all]   mutation testing of mshv/*.c
+#                 (tests/mutations.yaml; slow, not part of check): writes
+#                 docs/mutation-score.md, fails when a mutation is missed
 #   make dist     tarball with the generated C, for hosts without Python
 #   make headers_install INSTALL_HDR_PATH=DIR   install DIR/include/linux/mshv.h
 
@@ -24,7 +27,7 @@ ifneq ($(wildcard gen/PREGENERATED),)
 GEN_STAMP :=
 endif
 
-.PHONY: all modules generate clean dist headers_install run check debian-modules setup
+.PHONY: all modules generate clean dist headers_install run check debian-modules setup mutate
 
 all: modules
 
@@ -80,3 +83,7 @@ run: setup
 check: setup
 	@$(MAKE) --no-print-directory PYTHON=$(VENV)/bin/python generate
 	@$(VENV)/bin/python -m pytest tests -q -ra
+
+mutate: setup
+	@$(MAKE) --no-print-directory PYTHON=$(VENV)/bin/python generate
+	@$(VENV)/bin/python scripts/mutate.py $(if $(ONLY),--only $(ONLY)) $(if $(KERNELS),--kernels $(KERNELS)) $(MUTATE_FLAGS)

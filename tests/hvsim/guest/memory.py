@@ -48,6 +48,24 @@ def test_failed_map_undoes_what_it_mapped():
     _done(mshv, pt)
 
 
+def test_failed_map_undoes_the_part_of_the_failing_call_that_was_done():
+    """MapGpaPages completes 100 reps (a partial success the wrapper
+    resumes), then its resumption fails: the 100 pages the failing wrapper
+    call did map must be unmapped too, not just the calls before it."""
+    mshv, pt = _pt()
+    pins = pinned_pages()
+    sim_control("rep_limit 100 map_gpa_pages")
+    sim_control("fail_next map_gpa_pages HV_STATUS_INVALID_PARAMETER 2")
+    try:
+        mem = GuestMemory(300 * 4096)        # one batch: 100 mapped, then the failure
+        expect_errno(errno.EINVAL, pt.map, mem, 0x100000)
+        assert sim_query()["mappings"] == 0, "the 100 pages mapped before the failure stay mapped"
+        assert pinned_pages() == pins, "and unpinned"
+    finally:
+        sim_control("reset")
+    _done(mshv, pt)
+
+
 def test_map_resumes_partial_rep_completion():
     mshv, pt = _pt()
     sim_control("rep_limit 100 map_gpa_pages")
