@@ -23,9 +23,11 @@ u32 mshvr_scheduler;
 struct kmem_cache *mshvr_partition_cache;
 struct kmem_cache *mshvr_vp_cache;
 struct kmem_cache *mshvr_region_cache;
+struct kmem_cache *mshvr_ioeventfd_cache;
 
 static void mshvr_caches_exit(void)
 {
+	kmem_cache_destroy(mshvr_ioeventfd_cache);
 	kmem_cache_destroy(mshvr_region_cache);
 	kmem_cache_destroy(mshvr_vp_cache);
 	kmem_cache_destroy(mshvr_partition_cache);
@@ -36,7 +38,9 @@ static int mshvr_caches_init(void)
 	mshvr_partition_cache = KMEM_CACHE(mshvr_partition, SLAB_ACCOUNT);
 	mshvr_vp_cache = KMEM_CACHE(mshvr_vp, SLAB_ACCOUNT);
 	mshvr_region_cache = KMEM_CACHE(mshvr_region, SLAB_ACCOUNT);
-	if (!mshvr_partition_cache || !mshvr_vp_cache || !mshvr_region_cache) {
+	mshvr_ioeventfd_cache = mshvr_ioeventfd_cache_create();
+	if (!mshvr_partition_cache || !mshvr_vp_cache || !mshvr_region_cache ||
+	    !mshvr_ioeventfd_cache) {
 		mshvr_caches_exit();
 		return -ENOMEM;
 	}
@@ -49,27 +53,6 @@ long mshv_dev_ioctl_create_partition(struct file *ctx,
 				     const struct mshv_create_partition_v2 *arg)
 {
 	return mshvr_partition_create(arg);
-}
-
-/*
- * Handlers of the driver issue that are not here yet: they say so instead
- * of pretending.
- */
-long mshv_partition_ioctl_irqfd(struct mshvr_partition *ctx, const struct mshv_user_irqfd *arg)
-{
-	return -EOPNOTSUPP;
-}
-
-long mshv_partition_ioctl_ioeventfd(struct mshvr_partition *ctx,
-				    const struct mshv_user_ioeventfd *arg)
-{
-	return -EOPNOTSUPP;
-}
-
-long mshv_partition_ioctl_set_msi_routing(struct mshvr_partition *ctx,
-					  const struct mshv_user_irq_table *arg)
-{
-	return -EOPNOTSUPP;
 }
 
 static int mshvr_query_scheduler(void)
@@ -123,9 +106,12 @@ static int __init mshvr_init(void)
 	ret = mshvr_caches_init();
 	if (ret)
 		goto seam_exit;
-	ret = mshvr_hv_call_init();
+	ret = mshvr_irq_init();
 	if (ret)
 		goto caches_exit;
+	ret = mshvr_hv_call_init();
+	if (ret)
+		goto irq_exit;
 	ret = mshvr_query_scheduler();
 	if (ret)
 		goto hv_call_exit;
@@ -144,6 +130,8 @@ synic_exit:
 	mshvr_seam_synic_exit();
 hv_call_exit:
 	mshvr_hv_call_exit();
+irq_exit:
+	mshvr_irq_exit();
 caches_exit:
 	mshvr_caches_exit();
 seam_exit:
@@ -156,6 +144,7 @@ static void __exit mshvr_exit(void)
 	misc_deregister(&mshvr_dev);
 	mshvr_seam_synic_exit();
 	mshvr_hv_call_exit();
+	mshvr_irq_exit();
 	mshvr_caches_exit();
 	mshvr_seam_exit();
 }

@@ -16,6 +16,8 @@
 #include <linux/mutex.h>
 #include <linux/rcupdate.h>
 #include <linux/refcount.h>
+#include <linux/spinlock.h>
+#include <linux/srcu.h>
 #include <linux/types.h>
 #include <linux/wait.h>
 #include <linux/xarray.h>
@@ -30,6 +32,12 @@
 
 /* 2 MiB in 4 KiB pages */
 #define MSHVR_LARGE_PAGES	512
+
+/* GSIs of the MSI routing table: 0 .. MSHVR_MAX_GSI - 1 */
+#define MSHVR_MAX_GSI		4096
+
+struct eventfd_ctx;
+struct mshvr_msi_table;
 
 /*
  * A range of user memory mapped into a partition's GPA space.
@@ -79,6 +87,22 @@ struct mshvr_partition {
 	struct completion async_done;
 	u16 async_status;
 	struct rcu_head rcu;
+
+	/*
+	 * Interrupts (irq.c has the full rules). @msi_table is replaced
+	 * under @lock and read under @irq_srcu. @irqfds is under
+	 * @irqfds_lock (interrupts off). @resamplers: writers hold
+	 * @resampler_lock, readers (the SynIC handler) @irq_srcu.
+	 */
+	struct mshvr_msi_table __rcu *msi_table;
+	struct srcu_struct irq_srcu;
+	spinlock_t irqfds_lock;
+	struct list_head irqfds;
+	struct mutex resampler_lock;
+	struct list_head resamplers;
+
+	/* doorbells (ioeventfd.c), under @lock */
+	struct list_head ioeventfds;
 };
 
 /*
@@ -117,6 +141,9 @@ struct mshvr_vp {
 extern struct kmem_cache *mshvr_partition_cache;
 extern struct kmem_cache *mshvr_vp_cache;
 extern struct kmem_cache *mshvr_region_cache;
+extern struct kmem_cache *mshvr_irqfd_cache;		/* irq.c */
+extern struct kmem_cache *mshvr_ioeventfd_cache;
+struct kmem_cache *mshvr_ioeventfd_cache_create(void);	/* ioeventfd.c */
 
 extern struct xarray mshvr_partitions;
 extern u32 mshvr_scheduler;	/* HV_SCHEDULER_TYPE_*, from the hypervisor */
@@ -139,6 +166,18 @@ void mshvr_region_destroy(struct mshvr_partition *pt, struct mshvr_region *r, bo
 int mshvr_set_vp_register(struct mshvr_partition *pt, u32 vp_index, u32 name, u64 value);
 int mshvr_get_vp_register(struct mshvr_partition *pt, u32 vp_index, u32 name, u64 *value);
 
-void mshvr_synic_isr(unsigned int cpu, void *simp, void *siefp);
+void mshvr_synic_isr(unsigned int cpu, void *simp, void *siefp, void *sirbp);
+
+/* irq.c: MSI routing, irqfds */
+int mshvr_irq_init(void);
+void mshvr_irq_exit(void);
+void mshvr_irqfd_release(struct mshvr_partition *pt);
+void mshvr_irqfd_eoi(struct mshvr_partition *pt, u32 vp_index, u32 vector);
+void mshvr_msi_table_free(struct mshvr_partition *pt);
+void mshvr_eventfd_signal(struct eventfd_ctx *ctx);
+
+/* ioeventfd.c: doorbells */
+void mshvr_ioeventfd_release(struct mshvr_partition *pt);
+void mshvr_doorbell(u32 port_id);
 
 #endif /* _MSHVR_ROOT_H */

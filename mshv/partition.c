@@ -87,6 +87,9 @@ static void mshvr_partition_destroy(struct mshvr_partition *pt)
 	if (ret)
 		pr_err("partition %llu: LEAK: delete failed (%d)\n", pt->id, ret);
 	xa_destroy(&pt->vps);
+	mshvr_msi_table_free(pt);
+	cleanup_srcu_struct(&pt->irq_srcu);
+	mutex_destroy(&pt->resampler_lock);
 	mutex_destroy(&pt->lock);
 	kmem_cache_free(mshvr_partition_cache, pt);
 }
@@ -128,7 +131,12 @@ static long mshvr_partition_unlocked_ioctl(struct file *filp, unsigned int cmd,
 
 static int mshvr_partition_release(struct inode *inode, struct file *filp)
 {
-	mshvr_partition_put(filp->private_data);
+	struct mshvr_partition *pt = filp->private_data;
+
+	/* nothing can configure them any more: irqfds and doorbells go now */
+	mshvr_irqfd_release(pt);
+	mshvr_ioeventfd_release(pt);
+	mshvr_partition_put(pt);
 	return 0;
 }
 
@@ -162,11 +170,21 @@ long mshvr_partition_create(const struct mshv_create_partition_v2 *arg)
 	init_completion(&pt->async_done);
 	INIT_LIST_HEAD(&pt->regions);
 	xa_init(&pt->vps);
+	spin_lock_init(&pt->irqfds_lock);
+	INIT_LIST_HEAD(&pt->irqfds);
+	mutex_init(&pt->resampler_lock);
+	INIT_LIST_HEAD(&pt->resamplers);
+	INIT_LIST_HEAD(&pt->ioeventfds);
+	if (init_srcu_struct(&pt->irq_srcu)) {
+		kmem_cache_free(mshvr_partition_cache, pt);
+		return -ENOMEM;
+	}
 	pt->hv_flags = mshvr_map_mshv_pt_bit(arg->pt_flags);
 
 	ret = mshvr_hvcall_create_partition(pt->hv_flags, 0, 0, MSHVR_HV_COMPATIBILITY_21_H2,
 					    banks, xsave, 0, &out, NULL);
 	if (ret) {
+		cleanup_srcu_struct(&pt->irq_srcu);
 		kmem_cache_free(mshvr_partition_cache, pt);
 		return ret;
 	}
@@ -195,6 +213,7 @@ put_fd:
 	put_unused_fd(fd);
 delete:
 	mshvr_hvcall_delete_partition(pt->id, NULL);
+	cleanup_srcu_struct(&pt->irq_srcu);
 	kmem_cache_free(mshvr_partition_cache, pt);
 	return ret;
 }

@@ -37,11 +37,15 @@ u64 mshvr_seam_hypercall_fast(u64 control, u64 in0, u64 in1);
 /*
  * SynIC notifications. The seam calls @handler in hard-IRQ context when the
  * SynIC message page of root CPU @cpu may hold a new message; @simp is that
- * page (16 slots of struct mshvr_hv_message, one per SINT) and @siefp its
- * event-flags page. The handler consumes the SINT0 slot and calls
- * mshvr_seam_synic_eom(@cpu) when the hypervisor has more queued.
+ * page (16 slots of struct mshvr_hv_message, one per SINT), @siefp its
+ * event-flags page and @sirbp its event ring page (16 struct
+ * mshvr_hv_synic_event_ring). The handler consumes the SINT0 slot and calls
+ * mshvr_seam_synic_eom(@cpu) when the hypervisor has more queued. Calls for
+ * one @cpu never run concurrently. SINT HV_SYNIC_DOORBELL_SINT_INDEX is
+ * set up "as intercept": its event ring entries are announced with
+ * HVMSG_SYNIC_SINT_INTERCEPT on SINT0.
  */
-typedef void (*mshvr_synic_handler_t)(unsigned int cpu, void *simp, void *siefp);
+typedef void (*mshvr_synic_handler_t)(unsigned int cpu, void *simp, void *siefp, void *sirbp);
 
 int mshvr_seam_synic_init(mshvr_synic_handler_t handler);
 void mshvr_seam_synic_exit(void);

@@ -25,6 +25,7 @@
 #include <linux/interrupt.h>
 #include <linux/io.h>
 #include <linux/ioport.h>
+#include <linux/smp.h>
 #include <linux/ktime.h>
 #include <linux/mm.h>
 #include <linux/percpu.h>
@@ -54,10 +55,20 @@ static struct mshvr_hvsim_request * __percpu *hvsim_req;
 static DEFINE_RAW_SPINLOCK(hvsim_ring_lock);
 static bool hvsim_region;
 
-/* Per possible CPU: its SynIC pages, mapped once at synic init. */
+/*
+ * Per possible CPU: its SynIC pages, mapped once at synic init, and the
+ * cross-CPU call that runs the handler for that CPU on that CPU, as the
+ * real SynIC interrupt would (a hypercall the handler makes, such as
+ * NotifyPortRingEmpty, then comes from the right CPU). @pending is set for
+ * each notification and taken by the call, so none is lost while a call
+ * is queued or running.
+ */
 struct hvsim_synic {
 	void *simp;
 	void *siefp;
+	void *sirbp;
+	call_single_data_t csd;
+	atomic_t pending;
 };
 static struct hvsim_synic *hvsim_synic;
 static mshvr_synic_handler_t hvsim_handler;
@@ -305,18 +316,38 @@ const char *mshvr_seam_name(void)
 	return "hvsim";
 }
 
+/* Hard-IRQ context (IPI or our own interrupt), on the CPU of @info. */
+static void hvsim_synic_call(void *info)
+{
+	struct hvsim_synic *s = info;
+
+	while (atomic_xchg(&s->pending, 0))
+		hvsim_handler(s - hvsim_synic, s->simp, s->siefp, s->sirbp);
+}
+
+/*
+ * The UART interrupt names the CPU whose SynIC has news; its handler runs
+ * there, one call at a time per CPU. An asynchronous call that is still
+ * queued (-EBUSY) will see @pending; an offline CPU's messages are
+ * handled here.
+ */
 static irqreturn_t hvsim_isr(int irq, void *dev)
 {
 	unsigned int n = 0;
+	int ret;
 
 	while (inb(MSHVR_HVSIM_IRQ_PORT + UART_LSR) & UART_LSR_DR) {
 		unsigned int cpu = inb(MSHVR_HVSIM_IRQ_PORT + UART_RBR);
 
 		n++;
-		if (cpu < nr_cpu_ids && hvsim_synic[cpu].simp)
-			hvsim_handler(cpu, hvsim_synic[cpu].simp, hvsim_synic[cpu].siefp);
-		else
+		if (cpu >= nr_cpu_ids || !hvsim_synic[cpu].simp) {
 			pr_warn_ratelimited("hvsim: notification for unknown cpu %u\n", cpu);
+			continue;
+		}
+		atomic_set(&hvsim_synic[cpu].pending, 1);
+		ret = smp_call_function_single_async(cpu, &hvsim_synic[cpu].csd);
+		if (ret && ret != -EBUSY)
+			hvsim_synic_call(&hvsim_synic[cpu]);
 	}
 	return n ? IRQ_HANDLED : IRQ_NONE;
 }
@@ -327,11 +358,22 @@ static void hvsim_unmap_synic(void)
 
 	if (!hvsim_synic)
 		return;
+	/*
+	 * No new call can be queued (the interrupt is gone). A queued call
+	 * unlocks its csd when it starts; one that started has finished after
+	 * a grace period (it runs with interrupts off).
+	 */
+	for_each_possible_cpu(cpu)
+		while (smp_load_acquire(&hvsim_synic[cpu].csd.node.u_flags) & CSD_FLAG_LOCK)
+			cpu_relax();
+	synchronize_rcu();
 	for_each_possible_cpu(cpu) {
 		if (hvsim_synic[cpu].simp)
 			memunmap(hvsim_synic[cpu].simp);
 		if (hvsim_synic[cpu].siefp)
 			memunmap(hvsim_synic[cpu].siefp);
+		if (hvsim_synic[cpu].sirbp)
+			memunmap(hvsim_synic[cpu].sirbp);
 	}
 	kfree(hvsim_synic);
 	hvsim_synic = NULL;
@@ -346,14 +388,21 @@ int mshvr_seam_synic_init(mshvr_synic_handler_t handler)
 	if (!hvsim_synic)
 		return -ENOMEM;
 	for_each_possible_cpu(cpu) {
-		u64 simp = cpu, siefp = 0;
+		u64 simp = cpu, siefp = 0, sirbp = 0;
 
-		ret = hvsim_op(MSHVR_HVSIM_OP_SYNIC_PAGES, &simp, &siefp, NULL);
+		INIT_CSD(&hvsim_synic[cpu].csd, hvsim_synic_call, &hvsim_synic[cpu]);
+		ret = hvsim_op(MSHVR_HVSIM_OP_SYNIC_PAGES, &simp, &siefp, &sirbp);
 		if (ret)
 			goto err;
+		if (!simp || !siefp || !sirbp) {
+			pr_err("hvsim: the simulator gave no SynIC pages for cpu %u\n", cpu);
+			ret = -ENODEV;
+			goto err;
+		}
 		hvsim_synic[cpu].simp = memremap(simp, PAGE_SIZE, MEMREMAP_WB);
 		hvsim_synic[cpu].siefp = memremap(siefp, PAGE_SIZE, MEMREMAP_WB);
-		if (!hvsim_synic[cpu].simp || !hvsim_synic[cpu].siefp) {
+		hvsim_synic[cpu].sirbp = memremap(sirbp, PAGE_SIZE, MEMREMAP_WB);
+		if (!hvsim_synic[cpu].simp || !hvsim_synic[cpu].siefp || !hvsim_synic[cpu].sirbp) {
 			ret = -ENOMEM;
 			goto err;
 		}

@@ -84,6 +84,7 @@ u64 mshvr_seam_hypercall_fast(u64 control, u64 in0, u64 in1)
 struct hyperv_synic {
 	void *simp;
 	void *siefp;
+	void *sirbp;
 };
 static DEFINE_PER_CPU(struct hyperv_synic, hyperv_synic);
 static mshvr_synic_handler_t hyperv_handler;
@@ -115,6 +116,20 @@ static void hyperv_unmap_synic_page(u32 msr, void *page)
 	memunmap(page);
 }
 
+static void hyperv_setup_sint(u32 msr, bool as_intercept)
+{
+	u64 v;
+
+	rdmsrl(msr, v);
+	v &= ~(SINT_F(VECTOR) | SINT_F(MASKED) | SINT_F(AUTO_EOI) | SINT_F(AS_INTERCEPT));
+	v |= HYPERVISOR_CALLBACK_VECTOR;
+	if (!(ms_hyperv.hints & MSHVR_HV_DEPRECATING_AEOI_RECOMMENDED))
+		v |= SINT_F(AUTO_EOI);
+	if (as_intercept)
+		v |= SINT_F(AS_INTERCEPT);
+	wrmsrl(msr, v);
+}
+
 static int hyperv_synic_cpu_up(unsigned int cpu)
 {
 	struct hyperv_synic *s = this_cpu_ptr(&hyperv_synic);
@@ -122,18 +137,18 @@ static int hyperv_synic_cpu_up(unsigned int cpu)
 
 	s->simp = hyperv_map_synic_page(MSHVR_HV_X64_MSR_SIMP);
 	s->siefp = hyperv_map_synic_page(MSHVR_HV_X64_MSR_SIEFP);
-	if (!s->simp || !s->siefp) {
+	/* the root's event ring page is supplied by the hypervisor, like SIMP */
+	s->sirbp = hyperv_map_synic_page(MSHVR_HV_X64_MSR_SIRBP);
+	if (!s->simp || !s->siefp || !s->sirbp) {
 		hyperv_unmap_synic_page(MSHVR_HV_X64_MSR_SIMP, s->simp);
 		hyperv_unmap_synic_page(MSHVR_HV_X64_MSR_SIEFP, s->siefp);
-		s->simp = s->siefp = NULL;
+		hyperv_unmap_synic_page(MSHVR_HV_X64_MSR_SIRBP, s->sirbp);
+		s->simp = s->siefp = s->sirbp = NULL;
 		return -EFAULT;
 	}
-	rdmsrl(MSHVR_HV_X64_MSR_SINT0, v);
-	v &= ~(SINT_F(VECTOR) | SINT_F(MASKED) | SINT_F(AUTO_EOI));
-	v |= HYPERVISOR_CALLBACK_VECTOR;
-	if (!(ms_hyperv.hints & MSHVR_HV_DEPRECATING_AEOI_RECOMMENDED))
-		v |= SINT_F(AUTO_EOI);
-	wrmsrl(MSHVR_HV_X64_MSR_SINT0, v);
+	hyperv_setup_sint(MSHVR_HV_X64_MSR_SINT0, false);
+	/* doorbells: event ring entries announced as SINT0 messages */
+	hyperv_setup_sint(MSHVR_HV_X64_MSR_SINT0 + MSHVR_HV_SYNIC_DOORBELL_SINT_INDEX, true);
 	rdmsrl(MSHVR_HV_X64_MSR_SCONTROL, v);
 	wrmsrl(MSHVR_HV_X64_MSR_SCONTROL, v | MSHVR_HV_SYNIC_SCONTROL_VALUE_ENABLE_MASK);
 	return 0;
@@ -146,9 +161,12 @@ static int hyperv_synic_cpu_down(unsigned int cpu)
 
 	rdmsrl(MSHVR_HV_X64_MSR_SINT0, v);
 	wrmsrl(MSHVR_HV_X64_MSR_SINT0, v | SINT_F(MASKED));
+	rdmsrl(MSHVR_HV_X64_MSR_SINT0 + MSHVR_HV_SYNIC_DOORBELL_SINT_INDEX, v);
+	wrmsrl(MSHVR_HV_X64_MSR_SINT0 + MSHVR_HV_SYNIC_DOORBELL_SINT_INDEX, v | SINT_F(MASKED));
 	hyperv_unmap_synic_page(MSHVR_HV_X64_MSR_SIMP, s->simp);
 	hyperv_unmap_synic_page(MSHVR_HV_X64_MSR_SIEFP, s->siefp);
-	s->simp = s->siefp = NULL;
+	hyperv_unmap_synic_page(MSHVR_HV_X64_MSR_SIRBP, s->sirbp);
+	s->simp = s->siefp = s->sirbp = NULL;
 	return 0;
 }
 
@@ -158,7 +176,7 @@ static void hyperv_synic_isr(void)
 	struct hyperv_synic *s = this_cpu_ptr(&hyperv_synic);
 
 	if (s->simp)
-		hyperv_handler(smp_processor_id(), s->simp, s->siefp);
+		hyperv_handler(smp_processor_id(), s->simp, s->siefp, s->sirbp);
 }
 
 int mshvr_seam_synic_init(mshvr_synic_handler_t handler)

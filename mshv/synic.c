@@ -1,16 +1,96 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * The root's SynIC: messages from the hypervisor on SINT0 of each CPU.
+ * The root's SynIC: messages from the hypervisor on SINT0 of each CPU, and
+ * the doorbell event ring.
+ *
+ * One message at a time sits in a CPU's SINT0 slot; its type picks the
+ * handler:
+ *   HVMSG_SYNIC_SINT_INTERCEPT   doorbells: drain the doorbell SINT's event
+ *                                ring of that CPU, signal each port
+ *   HVMSG_SCHEDULER_VP_SIGNAL_*  kick the VPs' run loops (root scheduler)
+ *   HVMSG_ASYNC_CALL_COMPLETION  wake the partition's waiting hypercall
+ *   HVMSG_OPAQUE_INTERCEPT       kick the VP's run loop (core scheduler)
+ *   HVMSG_X64_APIC_EOI           resample the irqfds of the EOIed vector
+ * then the slot is freed (type NONE), and if the hypervisor marked more
+ * pending, the end-of-message write asks for the next one. Partitions are
+ * looked up under RCU (the handler runs in hard-IRQ context).
  */
 #include "mshv_root.h"
 
 #include <linux/bitops.h>
 #include <linux/minmax.h>
+#include <linux/percpu.h>
 
+#include "mshvr_hvcall.h"
 #include "seam.h"
 
+/*
+ * Our tail of each CPU's doorbell event ring: the next slot to take. Only
+ * the handler for that CPU touches it, and those calls do not overlap.
+ */
+static DEFINE_PER_CPU(u8, mshvr_ring_tail);
+
+#define MSHVR_RING_SLOTS	ARRAY_SIZE(((struct mshvr_hv_synic_event_ring *)0)->data)
+
+/*
+ * The next port id on @ring, 0 when it is empty. The hypervisor writes a
+ * slot, we zero it; a full ring (ring_full) waits for NotifyPortRingEmpty
+ * after we drained it. While we drain, signal_masked stops the hypervisor
+ * from announcing each new entry; it is cleared, with one more look, when
+ * the ring is empty.
+ */
+static u32 mshvr_ring_next(struct mshvr_hv_synic_event_ring *ring, u8 *tail)
+{
+	u32 port = READ_ONCE(ring->data[*tail]);
+
+	if (!port) {
+		if (READ_ONCE(ring->ring_full)) {
+			WRITE_ONCE(ring->ring_full, 0);
+			mshvr_hvcall_notify_port_ring_empty(MSHVR_HV_SYNIC_DOORBELL_SINT_INDEX, NULL);
+			port = READ_ONCE(ring->data[*tail]);
+		}
+		if (!port) {
+			WRITE_ONCE(ring->signal_masked, 0);
+			mb();
+			port = READ_ONCE(ring->data[*tail]);
+			if (!port)
+				return 0;
+		}
+		WRITE_ONCE(ring->signal_masked, 1);
+	}
+	WRITE_ONCE(ring->data[*tail], 0);
+	*tail = (*tail + 1) % MSHVR_RING_SLOTS;
+	return port;
+}
+
+static void mshvr_doorbells(unsigned int cpu, void *sirbp, u32 sint)
+{
+	struct mshvr_hv_synic_event_ring *ring;
+	u8 *tail = per_cpu_ptr(&mshvr_ring_tail, cpu);
+	u32 port;
+
+	if (sint != MSHVR_HV_SYNIC_DOORBELL_SINT_INDEX || !sirbp) {
+		pr_warn_ratelimited("SINT intercept for SINT %u on cpu %u\n", sint, cpu);
+		return;
+	}
+	ring = (struct mshvr_hv_synic_event_ring *)sirbp + sint;
+	while ((port = mshvr_ring_next(ring, tail)))
+		mshvr_doorbell(port);
+}
+
+static void mshvr_apic_eoi(u64 partition_id, const struct mshvr_hv_x64_apic_eoi_message *m)
+{
+	struct mshvr_partition *pt;
+
+	rcu_read_lock();
+	pt = xa_load(&mshvr_partitions, partition_id);
+	if (pt)
+		mshvr_irqfd_eoi(pt, m->vp_index, m->interrupt_vector);
+	rcu_read_unlock();
+}
+
 /* Hard-IRQ context, on behalf of root CPU @cpu (see seam.h). */
-void mshvr_synic_isr(unsigned int cpu, void *simp, void *siefp)
+void mshvr_synic_isr(unsigned int cpu, void *simp, void *siefp, void *sirbp)
 {
 	struct mshvr_hv_message *msg = (struct mshvr_hv_message *)simp +
 				       MSHVR_HV_SYNIC_INTERCEPTION_SINT_INDEX;
@@ -19,6 +99,15 @@ void mshvr_synic_isr(unsigned int cpu, void *simp, void *siefp)
 	if (type == MSHVR_HVMSG_NONE)
 		return;
 	switch (type) {
+	case MSHVR_HVMSG_SYNIC_SINT_INTERCEPT: {
+		const struct mshvr_hv_notification_message_payload *m = (const void *)msg->payload;
+
+		mshvr_doorbells(cpu, sirbp, m->sint_index);
+		break;
+	}
+	case MSHVR_HVMSG_X64_APIC_EOI:
+		mshvr_apic_eoi(msg->header.sender, (const void *)msg->payload);
+		break;
 	case MSHVR_HVMSG_OPAQUE_INTERCEPT: {
 		const struct mshvr_hv_opaque_intercept_message *m = (const void *)msg->payload;
 

@@ -174,7 +174,7 @@ static void test_create_partition(void)
 	   got->pt_flags == 1 && got->pt_num_cpu_fbanks == 0 && got->pt_cpu_fbanks[0] == 0 &&
 	   got->pt_disabled_xsave == 0,
 	   "v1: only 16 bytes are read; the handler sees zeroed v2 fields");
-	v2.pt_flags = 1 << 4;
+	v2.pt_flags = 1 << MSHV_PT_BIT_COUNT;
 	ok(dev_ioctl(MSHV_CREATE_PARTITION, &v2) == -EINVAL && !called, "unknown pt_flags bit");
 	v2.pt_flags = 0;
 	v2.pt_isolation = 1;

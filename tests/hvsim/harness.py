@@ -32,6 +32,8 @@ exit $rc
 # clean (see SuiteRun.check_run).
 RUN_CLEAN = "run_clean"
 
+# A kernel record anywhere in the console stream, with its newline
+KMSG_RECORD = re.compile(r"\[\s*\d+\.\d+\] [^\n]*\n")
 # A kernel log line on the console: "[   12.345678] text"
 KMSG = re.compile(r"^\[\s*\d+\.\d+\] (.*)$")
 # What a driver bug looks like in the kernel log: the guest runner's pattern
@@ -122,7 +124,7 @@ class SuiteRun:
         ALL_RUNS.append(self)
         self.tests = {}
         cur = None
-        for line in self.output.splitlines():
+        for line in self.tap_text().splitlines():
             m = re.match(r"^(ok|not ok) \d+ - (\S+)", line)
             if m:
                 cur = m.group(2)
@@ -130,6 +132,13 @@ class SuiteRun:
             elif line.startswith("# ") and cur:
                 self.tests[cur][1].append(line[2:])
         self._scan_console()
+
+    def tap_text(self):
+        """The script's output without the kernel's records. The kernel
+        writes its console records whole, but between the characters of a
+        line the guest is still sending, so a record can split a TAP line in
+        two; taking the records out joins it again."""
+        return KMSG_RECORD.sub("", self.output)
 
     def _scan_console(self):
         """Split the kernel's splats by the test that was running when they
@@ -186,7 +195,8 @@ class SuiteRun:
         problems += self.outside
         rep = self.report or {}
         for key, clean in (("partitions", []), ("deposited_pages", 0), ("mappings", 0),
-                           ("root_pool_used", 0), ("contract_violations", [])):
+                           ("root_pool_used", 0), ("contract_violations", []),
+                           ("ports", 0), ("connections", 0)):
             if key in rep and rep[key] != clean:
                 problems.append(f"the model ends with {key} = {rep[key]!r}")
         if problems:

@@ -134,7 +134,8 @@ class Simulator:
         elif op == S.HVSIM_OP_HYPERCALL_FAST:
             req.result = self.hv.hypercall_fast(cpu, req.control, req.in0, req.in1)
         elif op == S.HVSIM_OP_SYNIC_PAGES:
-            req.arg0, req.arg1 = self.hv.synic_pages(req.arg0)
+            # the root enabling its SynIC pages: SIMP, SIEFP, SIRBP (event rings)
+            req.arg0, req.arg1, req.arg2 = self.hv.synic_pages(req.arg0, enable=True)
         elif op == S.HVSIM_OP_EOM:
             self.hv.eom(req.arg0)
         elif op == S.HVSIM_OP_QUERY:
@@ -192,6 +193,12 @@ class Simulator:
             "mappings": sum(v for p, v in st["mappings"].items() if p != root),
             "large_mappings": st["large_mappings"],
             "vps": sum(len(v) for p, v in st["vps"].items() if p != root),
+            # ports / connections that involve a child partition (owned by one, or
+            # a root port created for one, even if that partition is gone)
+            "ports": st["ports_child"],
+            "connections": st["connections_child"],
+            # HvCallCreatePartition flags of each live child (JSON: id string -> int)
+            "creation_flags": {pid: st["partitions"][pid]["flags"] for pid in kids},
             "calls": st["calls"],
             "statuses": st["statuses"],
         }

@@ -112,7 +112,7 @@ def test_explicit_suspend_blocks_dispatch(root):
 def test_release_sends_vp_signal(root):
     pid = root.new_guest()
     release(root, pid, cpu=1)
-    simp, _ = root.hv.synic_pages(1)
+    simp = root.hv.synic_pages(1)[0]
     slot = simp + 256 * S.HV_SYNIC_INTERCEPTION_SINT_INDEX
     mtype, payload = root.message(slot)
     assert mtype == S.HVMSG_SCHEDULER_VP_SIGNAL_PAIR
@@ -314,7 +314,7 @@ def test_smoke_guest_core_scheduler(core):
     assert core.set_regs(pid, 0, [(R.HV_REGISTER_INTERCEPT_SUSPEND, 0), (R.HV_REGISTER_EXPLICIT_SUSPEND, 0)],
                          cpu=1)[0] == S.HV_STATUS_SUCCESS
     assert core.hv.wait_idle()
-    simp, _ = core.hv.synic_pages(1)
+    simp = core.hv.synic_pages(1)[0]
     slot = simp + 256 * S.HV_SYNIC_INTERCEPTION_SINT_INDEX
     mtype, payload = core.message(slot)
     assert mtype == S.HVMSG_OPAQUE_INTERCEPT

@@ -204,46 +204,6 @@ def test_vp_state_errors():
     os.close(mshv)
 
 
-# -- not implemented yet: -EOPNOTSUPP (docs/design.md). Each call has
-# arguments the generated checks accept, so the errno is the handler's.
-# When one of these ioctls is implemented, its test here must change.
-
-def test_irqfd_is_not_implemented_yet():
-    mshv = open_mshv()
-    pt = Partition(mshv)
-    efd = os.eventfd(0)
-    a = S.mshv_user_irqfd(fd=efd, resamplefd=-1, gsi=5, flags=0)
-    expect_errno(errno.EOPNOTSUPP, ioctl, pt.fd, S.MSHV_IRQFD, a)
-    os.close(efd)
-    pt.close()
-    os.close(mshv)
-
-
-def test_ioeventfd_is_not_implemented_yet():
-    mshv = open_mshv()
-    pt = Partition(mshv)
-    efd = os.eventfd(0)
-    a = S.mshv_user_ioeventfd(datamatch=0, addr=0xF0000000, len=4, fd=efd, flags=0)   # MMIO
-    expect_errno(errno.EOPNOTSUPP, ioctl, pt.fd, S.MSHV_IOEVENTFD, a)
-    os.close(efd)
-    pt.close()
-    os.close(mshv)
-
-
-def test_set_msi_routing_is_not_implemented_yet():
-    mshv = open_mshv()
-    pt = Partition(mshv)
-    entry = S.mshv_user_irq_entry(gsi=5, address_lo=0xFEE00000, address_hi=0, data=0x30)
-    table = bytearray(bytes(S.mshv_user_irq_table(nr=1)) + bytes(entry))
-    try:
-        fcntl.ioctl(pt.fd, S.MSHV_SET_MSI_ROUTING, table, True)
-        raise AssertionError("MSHV_SET_MSI_ROUTING succeeded")
-    except OSError as e:
-        assert e.errno == errno.EOPNOTSUPP, errno.errorcode.get(e.errno)
-    pt.close()
-    os.close(mshv)
-
-
 # -- resource exhaustion -------------------------------------------------
 
 class _NoFreeFd:

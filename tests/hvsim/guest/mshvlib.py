@@ -233,7 +233,7 @@ def kmalloc_bytes(caches):
 
 
 # The driver's own object caches (mshv/main.c): none may outlive a test.
-MODULE_CACHES = ("mshvr_partition", "mshvr_vp", "mshvr_region")
+MODULE_CACHES = ("mshvr_partition", "mshvr_vp", "mshvr_region", "mshvr_irqfd", "mshvr_ioeventfd")
 
 
 def module_refcount():
@@ -276,6 +276,8 @@ def assert_clean(base):
     assert q["deposited_pages"] == 0, f"{q['deposited_pages']} pages still deposited"
     assert q["mappings"] == 0, f"{q['mappings']} GPA mappings left"
     assert q["root_pool_used"] == 0, f"{q['root_pool_used']} root pool pages still charged"
+    assert q["ports"] == 0 and q["connections"] == 0, \
+        f"{q['ports']} ports and {q['connections']} connections left in the hypervisor"
     new = q["contract_violations"][base.violations:]
     assert not new, "teardown order: " + "; ".join(new)
     pins = pinned_pages()

@@ -1,14 +1,20 @@
-"""A minimal local APIC: pending vectors per VP and their delivery through the
-guest's IVT (real mode) or IDT (protected and long mode).
+"""The local APIC of a child VP and interrupt delivery through the guest's
+IVT (real mode) or IDT (protected and long mode).
 
 What is modelled (see docs/hvsim-model.md, "Interrupts"):
 
-- an IRR-like set of pending FIXED vectors per VP (`LocalApic.irr`);
-- delivery of the highest pending vector at an instruction boundary when
-  RFLAGS.IF = 1 and the VP is not in an STI / MOV SS interrupt shadow;
-- edge semantics: a vector leaves the IRR when it is delivered ("delivered =
-  done"); there is no ISR, no TPR/PPR and no EOI is needed (an x2APIC EOI
-  write, MSR 0x80B, is accepted and ignored).
+- IRR, ISR and TMR (256 bits each, as Python ints), TPR (also CR8), PPR, and a
+  register file for the rest of the APIC page (LVTs, SVR, ICR, timer
+  registers: stored and read back, the timer does not count);
+- acceptance of FIXED/LOWESTPRIORITY vectors (IRR, TMR = level), delivery of
+  the highest IRR vector whose priority class is above PPR (IRR -> ISR), EOI
+  clearing the highest ISR bit (a level-triggered vector's EOI is reported
+  to hv.py, which posts HVMSG_X64_APIC_EOI);
+- NMI (one latched, delivered through vector 2 whatever RFLAGS.IF, blocked
+  until the next IRET), ExtINT (one pending vector, not subject to PPR, no
+  IRR/ISR), INIT (wait-for-SIPI) and SIPI;
+- delivery at an instruction boundary when the VP is not in an STI / MOV SS
+  interrupt shadow.
 
 Delivery is done here on a CpuState (hv.py), outside Unicorn, and the engine is
 re-entered afterwards, so the segment caches are loaded the same way as for any
@@ -19,6 +25,9 @@ segment has the current privilege): a privilege change (TSS stack switch), a
 task gate, an IST stack, an LDT code selector, virtual-8086 mode, a not-present
 gate or a vector beyond the IDT limit end the VP with an unrecoverable exception
 (the model's "triple fault").
+
+Every number here is x86 architecture (Intel SDM vol. 3, chapter 11), not
+hypervisor ABI, so none of it is in the TLFS bindings.
 """
 
 import struct
@@ -29,23 +38,204 @@ EFER_LMA = 1 << 10
 RF_TF, RF_IF, RF_NT, RF_RF, RF_VM, RF_AC = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17, 1 << 18
 U64 = (1 << 64) - 1
 MIN_VECTOR = 16             # vectors 0-15 are reserved (exceptions): not valid for FIXED
+NMI_VECTOR = 2
+
+# APIC page register offsets (xAPIC MMIO; the x2APIC MSR is 0x800 + offset / 16)
+APIC_ID, APIC_VERSION, APIC_TPR, APIC_APR, APIC_PPR, APIC_EOI = 0x20, 0x30, 0x80, 0x90, 0xA0, 0xB0
+APIC_RRD, APIC_LDR, APIC_DFR, APIC_SVR = 0xC0, 0xD0, 0xE0, 0xF0
+APIC_ISR, APIC_TMR, APIC_IRR = 0x100, 0x180, 0x200          # 8 registers each, 16 bytes apart
+APIC_ESR, APIC_LVT_CMCI, APIC_ICR_LOW, APIC_ICR_HIGH = 0x280, 0x2F0, 0x300, 0x310
+APIC_LVT_TIMER, APIC_LVT_THERMAL, APIC_LVT_PERF = 0x320, 0x330, 0x340
+APIC_LVT_LINT0, APIC_LVT_LINT1, APIC_LVT_ERROR = 0x350, 0x360, 0x370
+APIC_TIMER_ICR, APIC_TIMER_CCR, APIC_TIMER_DCR, APIC_SELF_IPI = 0x380, 0x390, 0x3E0, 0x3F0
+APIC_PAGE_END = 0x400
+X2APIC_MSR_BASE, X2APIC_MSR_LAST = 0x800, 0x83F
+APIC_VERSION_VALUE = 0x00050014      # integrated APIC, version 0x14, 6 LVT entries
+LVT_MASKED = 1 << 16
+LVT_LEVEL = 1 << 15
+APIC_BASE_EXTD, APIC_BASE_ENABLE = 1 << 10, 1 << 11
+# ICR / LVT delivery modes (bits 10:8)
+DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_SIPI, DM_EXTINT = 0, 1, 2, 4, 5, 6, 7
+LVTS = (APIC_LVT_CMCI, APIC_LVT_TIMER, APIC_LVT_THERMAL, APIC_LVT_PERF, APIC_LVT_LINT0,
+        APIC_LVT_LINT1, APIC_LVT_ERROR)
+_READ_ONLY = {APIC_ID, APIC_VERSION, APIC_APR, APIC_PPR, APIC_RRD, APIC_TIMER_CCR}
 
 
 class DeliveryError(Exception):
     """The interrupt cannot be delivered (the VP ends with an unrecoverable exception)."""
 
 
+def _bits(mask):
+    """Set bit numbers of an int, highest first."""
+    out = []
+    while mask:
+        b = mask.bit_length() - 1
+        out.append(b)
+        mask &= ~(1 << b)
+    return out
+
+
 class LocalApic:
-    """Per-VP interrupt state."""
+    """Per-VP interrupt controller state. Thread note: the engine reads it from
+    the VP thread without the model lock; every field is replaced atomically
+    (ints, bools), so a reader sees either the old or the new value."""
 
     def __init__(self, apic_id):
         self.apic_id = apic_id
-        self.irr = set()          # pending vectors
-        self.halted = False       # HLT with IF=1 executed, waiting for an interrupt
         self.delivered = []       # history (vector per delivery), for tests and reports
+        self.halted = False       # HLT with IF=1 executed, waiting for an interrupt
+        self.reset()
 
-    def highest(self):
-        return max(self.irr) if self.irr else None
+    def reset(self):
+        """Power-up / INIT state of the APIC registers (the ID is kept)."""
+        self.irr = 0
+        self.isr = 0
+        self.tmr = 0
+        self.tpr = 0
+        self.regs = {APIC_LDR: 0, APIC_DFR: 0xFFFFFFFF, APIC_SVR: 0xFF, APIC_ESR: 0,
+                     APIC_ICR_LOW: 0, APIC_ICR_HIGH: 0, APIC_TIMER_ICR: 0, APIC_TIMER_DCR: 0}
+        for r in LVTS:
+            self.regs[r] = LVT_MASKED
+        self.nmi_pending = False
+        self.nmi_blocked = False
+        self.extint = None        # pending ExtINT vector
+        self.wait_sipi = False    # after INIT: waits for a SIPI, does not run
+        self.init_pending = False # INIT accepted while the VP ran: applied at the next boundary
+        self.sipi_pending = None  # SIPI vector accepted, applied with the INIT state
+        self.halted = False
+
+    # ------------------------------------------------------------ priorities
+    @staticmethod
+    def highest(mask):
+        return mask.bit_length() - 1 if mask else None
+
+    def ppr(self):
+        isrv = self.isr.bit_length() - 1 if self.isr else 0
+        if (self.tpr & 0xF0) >= (isrv & 0xF0):
+            return self.tpr & 0xFF
+        return isrv & 0xF0
+
+    def deliverable_vector(self):
+        """Highest IRR vector whose priority class is above PPR, or None."""
+        if not self.irr:
+            return None
+        v = self.irr.bit_length() - 1
+        return v if (v & 0xF0) > (self.ppr() & 0xF0) else None
+
+    def pending_kind(self):
+        """For the engine, at an instruction boundary: 2 = an NMI can be taken
+        (whatever RFLAGS.IF), 1 = a maskable interrupt can be taken when
+        RFLAGS.IF = 1, 0 = nothing."""
+        if self.init_pending or (self.nmi_pending and not self.nmi_blocked):
+            return 2
+        if self.extint is not None or (self.irr and self.deliverable_vector() is not None):
+            return 1
+        return 0
+
+    def wakeable(self):
+        """Something ends the wait of a halted (IF = 1) or INIT-ed VP."""
+        if self.init_pending:
+            return True
+        if self.wait_sipi:
+            return self.sipi_pending is not None
+        return self.pending_kind() != 0
+
+    def blocked(self):
+        """The VP cannot run now: waiting for a SIPI, or halted with nothing to take."""
+        return (self.wait_sipi or self.halted) and not self.wakeable()
+
+    # ------------------------------------------------------------ acceptance
+    def accept(self, vector, level):
+        """A FIXED/LOWESTPRIORITY message reaches this APIC: IRR and TMR."""
+        bit = 1 << vector
+        self.irr |= bit
+        self.tmr = (self.tmr | bit) if level else (self.tmr & ~bit)
+
+    def take(self, vector):
+        """The CPU acknowledges `vector`: IRR -> ISR."""
+        bit = 1 << vector
+        self.irr &= ~bit
+        self.isr |= bit
+
+    def eoi(self):
+        """EOI: clear the highest ISR bit. Returns (vector, level) or None."""
+        if not self.isr:
+            return None
+        v = self.isr.bit_length() - 1
+        self.isr &= ~(1 << v)
+        return v, bool(self.tmr >> v & 1)
+
+    def set_tpr(self, value):
+        self.tpr = value & 0xFF
+
+    # ------------------------------------------------------------ registers
+    def read(self, off, x2apic=False):
+        """32-bit value of the register at APIC page offset `off` (16-aligned)."""
+        if off == APIC_ID:
+            return self.apic_id if x2apic else (self.apic_id & 0xFF) << 24
+        if off == APIC_VERSION:
+            return APIC_VERSION_VALUE
+        if off == APIC_TPR:
+            return self.tpr
+        if off == APIC_PPR:
+            return self.ppr()
+        if off == APIC_LDR and x2apic:
+            # x2APIC logical ID, derived from the x2APIC ID (cluster, bit)
+            return ((self.apic_id >> 4) << 16) | (1 << (self.apic_id & 0xF))
+        for base, mask in ((APIC_ISR, self.isr), (APIC_TMR, self.tmr), (APIC_IRR, self.irr)):
+            if base <= off < base + 0x80:
+                return (mask >> (32 * ((off - base) >> 4))) & 0xFFFFFFFF
+        return self.regs.get(off, 0)
+
+    def write(self, off, value):
+        """Store a 32-bit write to a writable register. Returns what the write
+        means for hv.py: "eoi", "icr" (an IPI to send), "self_ipi" or None."""
+        value &= 0xFFFFFFFF
+        if off == APIC_EOI:
+            return "eoi"
+        if off == APIC_TPR:
+            self.set_tpr(value)
+            return None
+        if off == APIC_SELF_IPI:
+            return "self_ipi"
+        if off in _READ_ONLY or APIC_ISR <= off < APIC_IRR + 0x80:
+            return None                         # read-only: the write is dropped
+        if off in LVTS or off in self.regs:
+            self.regs[off] = value
+            return "icr" if off == APIC_ICR_LOW else None
+        return None
+
+    # ------------------------------------------------------------ LAPIC VP state blob
+    STATE_REGS = (APIC_TPR, APIC_LDR, APIC_DFR, APIC_SVR, APIC_ESR, APIC_ICR_LOW, APIC_ICR_HIGH,
+                  APIC_TIMER_ICR, APIC_TIMER_DCR) + LVTS
+
+    def render(self, blob):
+        """Overlay the live registers on a LAPIC state blob (APIC page layout)."""
+        b = bytearray(blob)
+        for off in (APIC_ID, APIC_VERSION, APIC_PPR) + self.STATE_REGS:
+            struct.pack_into("<I", b, off, self.read(off))
+        for base in (APIC_ISR, APIC_TMR, APIC_IRR):
+            for k in range(8):
+                struct.pack_into("<I", b, base + 16 * k, self.read(base + 16 * k))
+        return bytes(b)
+
+    def load(self, blob):
+        """Load the registers from a LAPIC state blob (SetVpState)."""
+        def rd(off):
+            return struct.unpack_from("<I", blob, off)[0]
+        self.tpr = rd(APIC_TPR) & 0xFF
+        for off in self.STATE_REGS:
+            if off != APIC_TPR:
+                self.regs[off] = rd(off)
+        for base, name in ((APIC_ISR, "isr"), (APIC_TMR, "tmr"), (APIC_IRR, "irr")):
+            v = 0
+            for k in range(8):
+                v |= rd(base + 16 * k) << (32 * k)
+            setattr(self, name, v & ~0xFFFF)     # vectors 0-15 cannot be pending
+
+    # ------------------------------------------------------------ for tests / reports
+    def vectors(self, which="irr"):
+        return set(_bits(getattr(self, which)))
 
 
 class _GuestMem:

@@ -14,7 +14,9 @@ running with a wrong state.
 Intercepts are found by a UC_HOOK_CODE hook that looks at each instruction
 BEFORE it executes (IN/OUT/INS/OUTS, HLT, CPUID, RDMSR/WRMSR) and stops with
 RIP at the instruction and no effect applied; memory intercepts come from the
-UNMAPPED/PROT memory hooks (the address Unicorn passes there is the GPA).
+UNMAPPED/PROT memory hooks (the address Unicorn passes there is the GPA). A
+write the hypervisor takes (a doorbell) completes into a scratch page mapped
+for that one instruction; MOV CR8 is emulated (CR8 is the APIC's TPR).
 """
 
 import struct
@@ -339,6 +341,7 @@ class Engine:
         st.rflags = r(X.UC_X86_REG_RFLAGS)
         st.cr0, st.cr2, st.cr3, st.cr4 = (r(X.UC_X86_REG_CR0), r(X.UC_X86_REG_CR2),
                                           r(X.UC_X86_REG_CR3), r(X.UC_X86_REG_CR4))
+        st.cr8 = self.vp.apic.tpr >> 4      # CR8 is the APIC's TPR[7:4] (MOV CR8 is emulated)
         st.efer = r(X.UC_X86_REG_MSR, MSR_EFER)
         st.dr = [r(x) for x in DR_UC]
         st.xmm = [r(x) for x in XMM_UC]
@@ -379,11 +382,11 @@ class Engine:
         """Run from CpuState `st` until an exit; `st` is updated in place.
 
         should_stop() -> bool is polled at each instruction boundary.
-        irq_pending() -> truthy when an interrupt is pending: the run then stops
-        with Exit("interrupt") at the first boundary where RFLAGS.IF = 1 and the
-        VP is not in an interrupt shadow (the instruction after STI, MOV SS or
-        POP SS). st.shadow_at carries a shadow across runs (linear address of
-        the instruction it covers).
+        irq_pending() -> 0 (nothing), 1 (a maskable interrupt can be taken) or 2
+        (an NMI or INIT): the run stops with Exit("interrupt") at the first
+        boundary outside an interrupt shadow (the instruction after STI, MOV SS
+        or POP SS) where RFLAGS.IF = 1, or at once for 2. st.shadow_at carries a
+        shadow across runs (linear address of the instruction it covers).
         decide(kind, **info) -> 'exit' | 'emulate' lets the hypervisor choose
         between intercepting a CPUID/MSR access and answering it itself; when
         emulating it returns a dict of register results.
@@ -398,18 +401,21 @@ class Engine:
         self.deadline = deadline
         self.should_stop = should_stop
         self.decide = decide
-        self.irq_pending = irq_pending or (lambda: False)
+        self.irq_pending = irq_pending or (lambda: 0)
         self._shadow_next = getattr(st, "shadow_at", None)
         self._shadow_cur = None
         self.cur = None
+        self.cur_size = 0
         try:
             self.uc.emu_start(self.uc.reg_read(X.UC_X86_REG_RIP), U64)
         except UcError as e:
+            self._drop_scratch()
             if self.exit is None:
                 if e.errno == UC_ERR_INSN_INVALID:
                     self.exit = Exit("exception", vector=6, error_code=None)
                 else:
                     self.exit = Exit("unrecoverable", error=str(e))
+        self._drop_scratch()
         if self.exit is None:
             self.exit = Exit("unrecoverable", error="emulation ended")
         ex = self.exit
@@ -428,8 +434,20 @@ class Engine:
             self.exit = ex
         self.uc.emu_stop()
 
+    _scratch = ()
+
+    def _drop_scratch(self):
+        """Unmap the scratch pages that swallowed doorbell writes."""
+        if self._scratch:
+            for page in self._scratch:
+                self.uc.mem_unmap(page, 4096)
+            self._scratch = ()
+
     def _on_code(self, uc, addr, size, _ud):
+        if self._scratch:
+            self._drop_scratch()        # the instruction that rang a doorbell is done
         self.cur = addr
+        self.cur_size = size
         self.count += 1
         if self._pg_stale():
             self._refresh_pg()
@@ -440,8 +458,10 @@ class Engine:
             return self._stop(Exit("stopped", rip_lin=addr))
         if self.count > self.max_insns or (self.count & 0x3FF == 0 and time.monotonic() > self.deadline):
             return self._stop(Exit("preempt", rip_lin=addr))
-        if not shadow and self.irq_pending() and self.uc.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_IF:
-            return self._stop(Exit("interrupt", rip_lin=addr))
+        if not shadow:
+            k = self.irq_pending()
+            if k and (k == 2 or self.uc.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_IF):
+                return self._stop(Exit("interrupt", rip_lin=addr))
         b = self.read_linear(addr, size)
         i = 0
         rep = False
@@ -454,6 +474,8 @@ class Engine:
         op = b[i]
         if op in (0xFB, 0x17) or (op == 0x8E and i + 1 < len(b) and (b[i + 1] >> 3) & 7 == 2):
             self._shadow_next = addr + size     # STI, POP SS, MOV SS: shadow on the next instruction
+        if op == 0xCF:
+            self.vp.apic.nmi_blocked = False     # IRET ends NMI blocking
         if op in IO_OPS:
             return self._io(addr, size, b, i, rep)
         if op == 0xF4:
@@ -466,12 +488,25 @@ class Engine:
                 return self._msr(addr, size, write=(op2 == 0x30))
             if op2 == 0x22 or (op2 == 0x01 and i + 2 < len(b) and (b[i + 2] >> 3) & 7 == 7):
                 self._stale = True      # mov to CR / invlpg: recompute paging next time
+            if op2 in (0x20, 0x22) and i + 2 < len(b) and (b[i + 2] >> 3) & 7 == 0 and i > 0 \
+                    and 0x40 <= b[i - 1] <= 0x4F and b[i - 1] & 4:
+                return self._mov_cr8(addr, size, b[i - 1], b[i + 2], to_cr8=(op2 == 0x22))
             if op2 == 0x01 and i + 2 < len(b) and b[i + 2] in (0xC1, 0xD9):
                 # VMCALL/VMMCALL: guest hypercalls are not modelled
                 self.uc.reg_write(X.UC_X86_REG_RAX, self.hv.S.HV_STATUS_INVALID_HYPERCALL_CODE)
                 self.uc.reg_write(X.UC_X86_REG_RIP, (addr + size - self._seg(1)[0]) & self._ipmask())
 
     _stale = False
+
+    def _mov_cr8(self, addr, size, rex, modrm, to_cr8):
+        """MOV to/from CR8 (REX.R, CR0 encoding): CR8 is the APIC's TPR[7:4].
+        Emulated here (Unicorn has no APIC): a write sets TPR = CR8 << 4."""
+        reg = GPR_UC[(modrm & 7) | (8 if rex & 1 else 0)]
+        if to_cr8:
+            self.vp.apic.set_tpr((self.uc.reg_read(reg) & 0xF) << 4)
+        else:
+            self.uc.reg_write(reg, self.vp.apic.tpr >> 4)
+        self.uc.reg_write(X.UC_X86_REG_RIP, (addr + size - self._seg(1)[0]) & self._ipmask())
 
     def _pg_stale(self):
         if self._stale:
@@ -527,6 +562,8 @@ class Engine:
         if not write:
             w(X.UC_X86_REG_RAX, res & 0xFFFFFFFF)
             w(X.UC_X86_REG_RDX, (res >> 32) & 0xFFFFFFFF)
+        else:
+            w(X.UC_X86_REG_CR8, self.vp.apic.tpr >> 4)   # an emulated write may have set TPR
         w(X.UC_X86_REG_RIP, (addr + size - self._seg(1)[0]) & self._ipmask())
 
     _MEM_KIND = {UC_MEM_READ_UNMAPPED: ("unmapped", 0), UC_MEM_WRITE_UNMAPPED: ("unmapped", 1),
@@ -535,13 +572,76 @@ class Engine:
 
     def _on_mem(self, uc, access, address, size, value, _ud):
         kind, acc = self._MEM_KIND.get(access, ("unmapped", 0))
+        if kind == "unmapped" and acc == 1 and self.exit is None:
+            v = value & ((1 << (8 * size)) - 1) if size <= 8 else value
+            if self.decide("doorbell", gpa=address, size=size, value=v)[0] == "consume":
+                # the hypervisor took the write: let the instruction complete
+                # into a scratch page, unmapped again at the next instruction
+                page = address & ~0xFFF
+                self.uc.mem_map(page, 4096, UC_PROT_READ | UC_PROT_WRITE)
+                self._scratch = tuple(self._scratch) + (page,)
+                return True
         cur = self.cur
         if acc == 2:
             cur = None   # the faulting fetch is the instruction itself (RIP from Unicorn)
         if self.exit is None:
+            mov = None
+            if kind == "unmapped" and acc in (0, 1) and cur is not None:
+                mov = self._decode_mov(cur)
+                if mov is not None and (mov["store"] != (acc == 1) or mov["size"] != size):
+                    mov = None
             self.exit = Exit("memory", rip_lin=cur, gpa=address, access=acc, unmapped=(kind == "unmapped"),
-                             size=size)
+                             size=size, write=(acc == 1), value=value & ((1 << 64) - 1),
+                             length=self.cur_size, mov=mov)
         return False
+
+    def _decode_mov(self, addr):
+        """The current instruction, if it is a plain MOV between a register or
+        an immediate and memory (88/89/8A/8B/C6/C7/A0-A3): {store, size, reg,
+        high8}; None otherwise. The hypervisor completes such accesses to the
+        xAPIC page itself (hv.py, _mmio)."""
+        b = self.read_linear(addr, self.cur_size)
+        hf = self._hflags()
+        long64 = bool(hf & HF_CS64)
+        d32 = bool(hf & HF_CS32)
+        i = 0
+        osz = False
+        while i < len(b) and b[i] in PREFIXES:
+            if b[i] == 0x66:
+                osz = True
+            elif b[i] == 0xF0:
+                return None
+            i += 1
+        rex = 0
+        if long64 and i < len(b) and 0x40 <= b[i] <= 0x4F:
+            rex = b[i]
+            i += 1
+        if i >= len(b):
+            return None
+        op = b[i]
+        if op not in (0x88, 0x89, 0x8A, 0x8B, 0xC6, 0xC7, 0xA0, 0xA1, 0xA2, 0xA3):
+            return None
+        byte = op in (0x88, 0x8A, 0xC6, 0xA0, 0xA2)
+        if byte:
+            size = 1
+        elif rex & 8:
+            size = 8
+        else:
+            size = (2 if osz else 4) if (d32 or long64) else (4 if osz else 2)
+        if op in (0xA0, 0xA1, 0xA2, 0xA3):
+            return {"store": op in (0xA2, 0xA3), "size": size, "reg": 0, "high8": False}
+        if i + 1 >= len(b):
+            return None
+        modrm = b[i + 1]
+        if modrm >> 6 == 3:
+            return None
+        if op in (0xC6, 0xC7):
+            if (modrm >> 3) & 7:
+                return None
+            return {"store": True, "size": size, "reg": None, "high8": False}
+        reg = ((modrm >> 3) & 7) | (8 if rex & 4 else 0)
+        high8 = byte and not rex and reg >= 4
+        return {"store": op in (0x88, 0x89), "size": size, "reg": reg, "high8": high8}
 
     def _on_intr(self, uc, intno, _ud):
         self._stop(Exit("exception", rip_lin=self.cur, vector=intno, error_code=None))

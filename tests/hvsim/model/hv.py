@@ -5,7 +5,7 @@ Public entry points (see docs/hvsim-model.md):
     hv = Hypervisor(mem, hv_base_gpa, hv_size, scheduler="root"|"core", notify=None, ncpus=2)
     hv.hypercall(cpu, control, in_gpa, out_gpa) -> result
     hv.hypercall_fast(cpu, control, in0, in1) -> result
-    hv.synic_pages(cpu) -> (simp_gpa, siefp_gpa)
+    hv.synic_pages(cpu) -> (simp_gpa, siefp_gpa, sirbp_gpa)
     hv.eom(cpu)
     hv.stats() / hv.report() / hv.log
     hv.fail_next(code, status, nth=1) / hv.delay(code, s) / hv.insufficient_memory_once(code)
@@ -21,7 +21,8 @@ import threading
 import time
 
 from . import spec
-from .apic import LocalApic, DeliveryError, deliver as apic_deliver, MIN_VECTOR, RF_IF
+from . import apic as A
+from .apic import LocalApic, DeliveryError, deliver as apic_deliver, MIN_VECTOR, RF_IF, NMI_VECTOR
 from .spec import S
 
 U64 = (1 << 64) - 1
@@ -29,7 +30,38 @@ ROOT_ID = 1
 # HV_PARTITION_ID_SELF (~0) is not in the spec; the model accepts it as "the caller".
 PARTITION_ID_SELF = U64
 MAX_VPS = 256
-X2APIC_EOI = 0x80B      # x86 architectural MSR
+# Root SynIC geometry: a SIM page holds one 256-byte message slot per SINT, and
+# the event ring page one hv_synic_event_ring per SINT.
+# TODO(spec): HV_SYNIC_SINT_COUNT (16) is not in the bindings; derived here.
+SINT_COUNT = S.PAGE_SIZE // S.hv_message.SIZE
+RING_SLOTS = len(S.hv_synic_event_ring().data)          # HV_SYNIC_EVENT_RING_MESSAGE_COUNT
+RING_DATA = S.hv_synic_event_ring.OFFSETS["data"]
+RING_MASKED = S.hv_synic_event_ring.OFFSETS["signal_masked"]
+RING_FULL = S.hv_synic_event_ring.OFFSETS["ring_full"]
+# TODO(spec): the HV_PORT_ID / HV_CONNECTION_ID bit layout (Id:24, Reserved:8)
+# is not in the bindings; the TLFS datatypes pages give it.
+ID_BITS = 24
+ID_MASK = (1 << ID_BITS) - 1
+# TODO(spec): event flags per SINT (one 256-byte SIEF array = 2048 flags).
+EVENT_FLAGS_PER_SINT = (S.PAGE_SIZE // SINT_COUNT) * 8
+# Doorbell trigger sizes (bytes) by hv_doorbell_flag size code; SIZE_ANY = any.
+DOORBELL_SIZES = {S.HV_DOORBELL_FLAG_TRIGGER_SIZE_BYTE: 1, S.HV_DOORBELL_FLAG_TRIGGER_SIZE_WORD: 2,
+                  S.HV_DOORBELL_FLAG_TRIGGER_SIZE_DWORD: 4, S.HV_DOORBELL_FLAG_TRIGGER_SIZE_QWORD: 8}
+
+
+def _set_gpr(st, mov, value):
+    """Write a MOV load's result to its destination register (x86 rules: a
+    32-bit write zero-extends, 8/16-bit writes keep the rest)."""
+    r, size = mov["reg"], mov["size"]
+    if size == 1 and mov["high8"]:
+        st.gpr[r - 4] = (st.gpr[r - 4] & ~0xFF00) | ((value & 0xFF) << 8)
+    elif size in (1, 2):
+        m = (1 << (8 * size)) - 1
+        st.gpr[r] = (st.gpr[r] & ~m) | (value & m)
+    elif size == 4:
+        st.gpr[r] = value & 0xFFFFFFFF
+    else:
+        st.gpr[r] = value & U64
 
 
 def eng_ipmask(st):
@@ -47,6 +79,8 @@ COSTS = {
     "create_partition": 2,        # from the ROOT pool
     "initialize_partition": 160,  # from the child's pool
     "create_vp": 64,              # from the child's pool
+    "create_port": 1,             # from the port partition's pool (the root for doorbells)
+    "connect_port": 1,            # from the connection partition's pool
     # MapGpaPages: one page per 2 MiB GPA region holding 4 KiB mappings plus one
     # page per 1 GiB region holding any mapping (page-table pages).
 }
@@ -140,9 +174,11 @@ class Vp:
         self.stop_req = False
         self.thread = None
         self.last_msg = None
-        self.notify_cpu = None
+        self.notify_cpu = None   # core scheduler: the root CPU that last released the VP
+        self.dispatch_cpu = None # root scheduler: the root CPU whose DispatchVp runs the VP
+        self.root_irq = False    # a root interrupt for the dispatching CPU: end the dispatch
         self.signal_count = 0
-        self.apic = LocalApic(index)   # pending vectors, halted state (apic.py)
+        self.apic = LocalApic(index)   # local APIC state (apic.py)
         self.vp_state = {}       # Get/SetVpState blobs
         self.cpuid_results = {}
         self.deleted = False
@@ -166,8 +202,8 @@ class Partition:
         self.l2 = collections.Counter()   # 1 GiB region -> # of mappings (4K pages or 2M runs)
         self.map_gen = 0
         self.intercepts = {}     # (type, parameter) -> access mask
-        self.ports = {}
-        self.connections = {}
+        self.ports = {}          # port id -> Port (ports this partition owns)
+        self.connections = {}    # connection id -> Connection (connections it owns)
         self.root_cost = []      # root pool pages charged for this partition
         self.stats = collections.Counter()
 
@@ -175,11 +211,47 @@ class Partition:
         return sum(len(v) for v in self.held.values())
 
 
+class Port:
+    def __init__(self, part, port_id, info, conn_pid):
+        self.part = part
+        self.id = port_id
+        self.type = info.port_type
+        self.target_sint = info.target_sint
+        self.target_vp = info.target_vp
+        self.conn_pid = conn_pid          # the partition allowed to connect (0: any)
+        self.alive = True
+        self.signals = 0
+
+
+class Connection:
+    def __init__(self, part, conn_id, port, info):
+        self.part = part
+        self.id = conn_id
+        self.port = port                  # the Port object: stays bound after DeletePort
+        self.type = info.port_type
+        self.gpa = info.doorbell_gpa
+        self.value = info.doorbell_trigger_value
+        self.flags = info.doorbell_flags
+        self.triggers = 0
+
+    def matches(self, gpa, size, value):
+        """A guest write of `size` bytes of `value` at `gpa` rings this doorbell."""
+        if self.type != S.HV_PORT_TYPE_DOORBELL or gpa != self.gpa:
+            return False
+        want = DOORBELL_SIZES.get(self.flags & S.HV_DOORBELL_FLAG_TRIGGER_SIZE_MASK)
+        if want is not None and want != size:
+            return False
+        return bool(self.flags & S.HV_DOORBELL_FLAG_TRIGGER_ANY_VALUE) or value == self.value
+
+
 class RootSynic:
-    def __init__(self, simp_pfn, siefp_pfn):
+    def __init__(self, simp_pfn, siefp_pfn, sirbp_pfn):
         self.simp_pfn = simp_pfn
         self.siefp_pfn = siefp_pfn
+        self.sirbp_pfn = sirbp_pfn        # event ring page: one hv_synic_event_ring per SINT
         self.queues = collections.defaultdict(collections.deque)
+        self.heads = [0] * SINT_COUNT     # the hypervisor's write index per SINT ring
+        self.kept = [[] for _ in range(SINT_COUNT)]   # port ids held back while a ring is full
 
 
 class Hypervisor:
@@ -211,6 +283,7 @@ class Hypervisor:
         self.deposited = {}           # pfn -> partition id (pool pages anywhere)
         self.mapped = collections.Counter()   # root pfn -> number of child GPA mappings
         self.synic = {}
+        self._dispatching = {}        # root CPU -> VP its DispatchVp is running (root scheduler)
         self.stats_pages = {}
         self.log = []                 # list of strings (sliceable)
         self._log_size = log_size
@@ -370,13 +443,29 @@ class Hypervisor:
             parts = {}
             for pid, p in self.partitions.items():
                 parts[pid] = dict(
-                    state=p.state, deposited=len(p.free) + p.held_count(), free=len(p.free),
+                    state=p.state, flags=p.flags, deposited=len(p.free) + p.held_count(), free=len(p.free),
                     used=p.held_count(), vps=sorted(p.vps),
                     maps_4k=sum(1 for e in p.gpa.values() if e[2] is None),
                     maps_2m=len(p.large), mapped_pages=len(p.gpa),
                     map_calls_2m=p.stats["map_2m"], map_calls_4k=p.stats["map_4k"],
-                    intercepts=len(p.intercepts))
-            return dict(calls={S.HYPERCALLS[c]["name"] if c in S.HYPERCALLS else hex(c): n
+                    intercepts=len(p.intercepts), ports=sorted(p.ports),
+                    connections=sorted(p.connections))
+            port_table = [dict(partition=p.id, port_id=pt.id, type=pt.type, connection_partition=pt.conn_pid,
+                               target_sint=pt.target_sint, target_vp=pt.target_vp, signals=pt.signals)
+                          for p in self.partitions.values() for pt in p.ports.values()]
+            conn_table = [dict(partition=p.id, connection_id=cn.id, type=cn.type, port_partition=cn.port.part.id,
+                               port_id=cn.port.id, port_alive=cn.port.alive, gpa=cn.gpa,
+                               trigger_value=cn.value, flags=cn.flags, triggers=cn.triggers)
+                          for p in self.partitions.values() for cn in p.connections.values()]
+            return dict(ports=len(port_table), connections=len(conn_table),
+                        # ports / connections that involve a child partition (owned by one,
+                        # or created for one that may be gone by now): 0 after a clean teardown
+                        ports_child=sum(1 for t in port_table
+                                        if t["partition"] != ROOT_ID or t["connection_partition"] not in (0, ROOT_ID)),
+                        connections_child=sum(1 for t in conn_table
+                                              if t["partition"] != ROOT_ID or t["port_partition"] != ROOT_ID),
+                        port_table=port_table, connection_table=conn_table,
+                        calls={S.HYPERCALLS[c]["name"] if c in S.HYPERCALLS else hex(c): n
                                for c, n in self.calls.items()},
                         calls_by_code=dict(self.calls),
                         statuses={spec.status_name(s): n for s, n in self.statuses.items()},
@@ -394,6 +483,12 @@ class Hypervisor:
         lines = ["hvsim model: scheduler=%s partitions=%s" % (st["scheduler"], st["live"])]
         for pid, p in st["partitions"].items():
             lines.append("  partition 0x%x: %s" % (pid, p))
+        lines.append("  ports: %d (child %d), connections: %d (child %d)" % (
+            st["ports"], st["ports_child"], st["connections"], st["connections_child"]))
+        for t in st["port_table"]:
+            lines.append("    port %s" % t)
+        for t in st["connection_table"]:
+            lines.append("    connection %s" % t)
         lines.append("  calls: %s" % st["calls"])
         lines.append("  statuses: %s" % st["statuses"])
         lines.append("  last %d hypercalls:" % last)
@@ -545,6 +640,12 @@ class Hypervisor:
             self._give_back(p, key)
         for key in [k for k in self.stats_pages if k[1] == p.id]:
             self._free_overlay(self.stats_pages.pop(key))
+        # the TLFS: finalize deletes the partition's remaining ports and
+        # connections (their pool pages went back with the rest above)
+        for port in list(p.ports.values()):
+            self._drop_port(port)
+        p.ports.clear()
+        p.connections.clear()
         p.intercepts.clear()
         p.state = ST_FINALIZED
         return S.HV_STATUS_SUCCESS
@@ -963,7 +1064,9 @@ class Hypervisor:
             return table_pack(st.gdtr)
         if short == "IDTR":
             return table_pack(st.idtr)
-        if short in ("CR0", "CR2", "CR3", "CR4", "CR8"):
+        if short == "CR8":
+            return vp.apic.tpr >> 4
+        if short in ("CR0", "CR2", "CR3", "CR4"):
             return getattr(st, short.lower())
         if short == "EFER":
             return st.efer
@@ -1001,7 +1104,10 @@ class Hypervisor:
             st.gdtr = table_unpack(value)
         elif short == "IDTR":
             st.idtr = table_unpack(value)
-        elif short in ("CR0", "CR2", "CR3", "CR4", "CR8"):
+        elif short == "CR8":
+            vp.apic.set_tpr((v64 & 0xF) << 4)           # CR8 is TPR[7:4]
+            st.cr8 = v64 & 0xF
+        elif short in ("CR0", "CR2", "CR3", "CR4"):
             setattr(st, short.lower(), v64)
         elif short == "EFER":
             st.efer = v64
@@ -1017,6 +1123,8 @@ class Hypervisor:
             vp.other[name] = value & 1
         else:
             vp.other[name] = value & ((1 << 128) - 1)
+            if name == _r("HV_X64_REGISTER_INITIAL_APIC_ID"):
+                vp.apic.apic_id = value & 0xFFFFFFFF
 
     def _check_vtl(self, vtl):
         if vtl not in (0, 0x10):
@@ -1147,7 +1255,8 @@ class Hypervisor:
             b, l, s, a = st.segs[k]
             pg.segments[k].base, pg.segments[k].limit = b, l
             pg.segments[k].selector, pg.segments[k].attributes = s, a
-        pg.cr0, pg.cr3, pg.cr4, pg.cr8, pg.efer, pg.dr7 = st.cr0, st.cr3, st.cr4, st.cr8, st.efer, st.dr[5]
+        pg.cr0, pg.cr3, pg.cr4, pg.cr8, pg.efer, pg.dr7 = (st.cr0, st.cr3, st.cr4, vp.apic.tpr >> 4,
+                                                          st.efer, st.dr[5])
         pg.xfem = vp.reg(_r("HV_X64_REGISTER_XFEM"))
         pg.interrupt_state = vp.reg(_r("HV_REGISTER_INTERRUPT_STATE"))
         pg.pending_interruption = vp.reg(_r("HV_REGISTER_PENDING_INTERRUPTION"))
@@ -1183,10 +1292,14 @@ class Hypervisor:
             if blob is None:
                 blob = self._default_vp_state(vp, t, len(pfns) * 4096)
             blob = blob.ljust(len(pfns) * 4096, b"\0")
+            if t == S.HV_GET_SET_VP_STATE_LAPIC_STATE:
+                blob = vp.apic.render(blob)               # the live registers
             for k, x in enumerate(pfns):
                 self.mem.write(x << 12, blob[k * 4096:(k + 1) * 4096])
         else:
             vp.vp_state[t] = b"".join(self.mem.read(x << 12, 4096) for x in pfns)
+            if t == S.HV_GET_SET_VP_STATE_LAPIC_STATE:
+                vp.apic.load(vp.vp_state[t])
         return S.HV_STATUS_SUCCESS
 
     def _default_vp_state(self, vp, t, size):
@@ -1216,46 +1329,235 @@ class Hypervisor:
         return S.HV_STATUS_SUCCESS
 
     def _hc_clear_virtual_interrupt(self, c):
-        self._child(c.inp.partition_id)
+        """Withdraw the partition's asserted ExtINT interrupts (the VMM's PIC
+        dropped its output) that no VP has taken yet."""
+        p = self._child(c.inp.partition_id)
+        for vp in p.vps.values():
+            vp.apic.extint = None
         return S.HV_STATUS_SUCCESS
 
+    # ---------------------------------------------------------------- interrupts
     # physical destinations that mean "all APICs" (xAPIC and x2APIC broadcast)
     APIC_BROADCAST = (0xFF, 0xFFFFFFFF)
+    # HV_INTERRUPT_TYPE -> APIC delivery mode (x86 ICR encoding, apic.py);
+    # SMI and REMOTEREAD are refused (no SMM; remote read is not an x2APIC mode)
+    _ITYPE_MODE = {S.HV_X64_INTERRUPT_TYPE_FIXED: A.DM_FIXED, S.HV_X64_INTERRUPT_TYPE_LOWESTPRIORITY: A.DM_LOWEST,
+                   S.HV_X64_INTERRUPT_TYPE_NMI: A.DM_NMI, S.HV_X64_INTERRUPT_TYPE_INIT: A.DM_INIT,
+                   S.HV_X64_INTERRUPT_TYPE_SIPI: A.DM_SIPI, S.HV_X64_INTERRUPT_TYPE_EXTINT: A.DM_EXTINT}
+
+    def _apic_targets(self, p, dest):
+        return [vp for vp in p.vps.values()
+                if dest in self.APIC_BROADCAST or vp.reg(_r("HV_X64_REGISTER_INITIAL_APIC_ID")) == dest]
 
     def _hc_assert_virtual_interrupt(self, c):
-        """FIXED and LOWESTPRIORITY interrupts go to the IRR of the VP whose APIC
-        id (INITIAL_APIC_ID, = VP index) is dest_addr; see docs "Interrupts"."""
+        """An interrupt message to the APIC(s) named by dest_addr (physical
+        mode); see docs/hvsim-model.md, "Interrupts"."""
         i = c.inp
         p = self._child(i.partition_id)
         itype = i.bits("control", "interrupt_type")
-        if i.target_vtl != 0 or i.bits("control", "logical_dest_mode"):
-            return S.HV_STATUS_INVALID_PARAMETER          # VTLs and logical mode: not modelled
-        if itype not in (S.HV_X64_INTERRUPT_TYPE_FIXED, S.HV_X64_INTERRUPT_TYPE_LOWESTPRIORITY):
-            if itype not in spec.enum("hv_interrupt_type").values():
-                return S.HV_STATUS_INVALID_PARAMETER
-            self._log("  assert: interrupt type %d accepted, not delivered" % itype)
-            return S.HV_STATUS_SUCCESS
-        if not MIN_VECTOR <= i.vector <= 0xFF:
+        level = i.bits("control", "level_triggered")
+        if i.target_vtl != 0:
+            return S.HV_STATUS_INVALID_PARAMETER          # VTLs are not modelled
+        if itype not in spec.enum("hv_interrupt_type").values():
             return S.HV_STATUS_INVALID_PARAMETER
-        targets = [vp for vp in p.vps.values()
-                   if i.dest_addr in self.APIC_BROADCAST
-                   or vp.reg(_r("HV_X64_REGISTER_INITIAL_APIC_ID")) == i.dest_addr]
-        for vp in targets:       # none: dropped, like an APIC message nobody accepts
-            self._raise_irq(vp, i.vector, c.cpu)
+        if i.bits("control", "logical_dest_mode"):
+            return S.HV_STATUS_INVALID_PARAMETER          # logical destinations: not modelled
+        if itype in (S.HV_X64_INTERRUPT_TYPE_SMI, S.HV_X64_INTERRUPT_TYPE_REMOTEREAD):
+            return S.HV_STATUS_INVALID_PARAMETER
+        if i.vector > 0xFF:
+            return S.HV_STATUS_INVALID_PARAMETER
+        if itype in (S.HV_X64_INTERRUPT_TYPE_FIXED, S.HV_X64_INTERRUPT_TYPE_LOWESTPRIORITY) \
+                and i.vector < MIN_VECTOR:
+            return S.HV_STATUS_INVALID_PARAMETER
+        if i.dest_addr > 0xFFFFFFFF:
+            return S.HV_STATUS_INVALID_PARAMETER          # an APIC id is 32 bits
+        targets = self._apic_targets(p, i.dest_addr)      # none: dropped, like an APIC
+        if itype == S.HV_X64_INTERRUPT_TYPE_LOWESTPRIORITY and len(targets) > 1:
+            targets = [min(targets, key=lambda v: (v.apic.ppr(), v.index))]
+        for vp in targets:                                # message nobody accepts
+            if itype in (S.HV_X64_INTERRUPT_TYPE_LOCALINT0, S.HV_X64_INTERRUPT_TYPE_LOCALINT1):
+                self._lint(vp, itype == S.HV_X64_INTERRUPT_TYPE_LOCALINT1, i.vector, c.cpu)
+            else:
+                self._apic_message(vp, self._ITYPE_MODE[itype], i.vector, level, c.cpu)
         return S.HV_STATUS_SUCCESS
 
-    def _raise_irq(self, vp, vector, cpu):
-        """Lock held: set `vector` pending on `vp` and wake the VP if it waits."""
+    def _lint(self, vp, lint1, vector, cpu):
+        """A LINT pin of the VP's APIC is asserted: the LVT entry decides."""
+        lvt = vp.apic.regs[A.APIC_LVT_LINT1 if lint1 else A.APIC_LVT_LINT0]
+        if lvt & A.LVT_MASKED:
+            self._log("  vp %x/%d LINT%d masked" % (vp.part.id, vp.index, int(lint1)))
+            return
+        mode = (lvt >> 8) & 7
+        if mode == A.DM_FIXED:
+            self._apic_message(vp, A.DM_FIXED, lvt & 0xFF, bool(lvt & A.LVT_LEVEL), cpu)
+        elif mode in (A.DM_NMI, A.DM_EXTINT):
+            self._apic_message(vp, mode, vector, False, cpu)
+
+    def _apic_message(self, vp, mode, vector, level, cpu):
+        """Lock held: an interrupt message accepted by `vp`'s APIC. Wakes the VP
+        if it waits (root scheduler: VP_SIGNAL_PAIR on `cpu`'s SINT0)."""
         a = vp.apic
-        was_empty = not a.irr
-        a.irr.add(vector)
-        if a.halted and was_empty:
-            if self.scheduler == "root":
+        was_blocked = a.blocked()
+        if mode in (A.DM_FIXED, A.DM_LOWEST):
+            if vector < MIN_VECTOR:
+                self._log("  vp %x/%d illegal vector 0x%x dropped" % (vp.part.id, vp.index, vector))
+                return
+            a.accept(vector, level)
+        elif mode == A.DM_NMI:
+            a.nmi_pending = True
+        elif mode == A.DM_EXTINT:
+            a.extint = vector
+        elif mode == A.DM_INIT:
+            a.init_pending = True
+            if not vp.running:
+                self._apply_now(vp)
+        elif mode == A.DM_SIPI:
+            if not (a.wait_sipi or a.init_pending):
+                self._log("  vp %x/%d SIPI ignored (not waiting for one)" % (vp.part.id, vp.index))
+                return
+            a.sipi_pending = vector
+            if not vp.running:
+                self._apply_now(vp)
+        else:
+            self._log("  vp %x/%d delivery mode %d dropped" % (vp.part.id, vp.index, mode))
+            return
+        self._log("  vp %x/%d apic: mode %d vector 0x%x%s" % (vp.part.id, vp.index, mode, vector,
+                                                              " level" if level else ""))
+        if self.scheduler == "root":
+            if was_blocked and not a.blocked():
                 # the driver kicks its dispatch thread. Also while a DispatchVp is
                 # still returning BLOCKED (vp.running): the kick must not be lost.
                 self._signal_vp(vp, cpu)
-            else:
-                self._cond.notify_all()           # the halted VP thread waits on _cond
+        else:
+            self._cond.notify_all()           # a waiting VP thread sleeps on _cond
+
+    def _apply_now(self, vp):
+        """INIT/SIPI for a VP that is not running: its registers change at once."""
+        self._sync_reg_page_in(vp)
+        self._apply_init_sipi(vp, vp.cpu)
+        self._sync_reg_page_out(vp)
+
+    def _apply_init_sipi(self, vp, st):
+        """Lock held, the VP not in Unicorn: act on a pending INIT and SIPI."""
+        a = vp.apic
+        if a.init_pending:
+            fresh = CpuState(vp.index)
+            fresh.msrs, fresh.xmm = st.msrs, st.xmm      # INIT keeps MSRs and SSE state
+            st.__dict__.update(fresh.__dict__)
+            sipi = a.sipi_pending
+            a.reset()
+            a.wait_sipi = True
+            a.sipi_pending = sipi
+            self._log("  vp %x/%d INIT: waiting for SIPI" % (vp.part.id, vp.index))
+        if a.wait_sipi and a.sipi_pending is not None:
+            v = a.sipi_pending
+            st.segs[1] = (v << 12, 0xFFFF, v << 8, 0x9B)
+            st.rip = 0
+            st.shadow_at = None
+            a.wait_sipi = False
+            a.sipi_pending = None
+            self._log("  vp %x/%d SIPI 0x%x: starts at %04x:0000" % (vp.part.id, vp.index, v, v << 8))
+
+    def _apic_eoi(self, vp):
+        """Lock held: the guest wrote EOI. A level-triggered vector's EOI is sent
+        to the root as HVMSG_X64_APIC_EOI (the VP keeps running)."""
+        r = vp.apic.eoi()
+        if r is None or not r[1]:
+            return
+        cpu = self._vp_cpu(vp)
+        pl = S.hv_x64_apic_eoi_message(vp_index=vp.index, interrupt_vector=r[0])
+        self.synic_pages(cpu)
+        self.synic[cpu].queues[S.HV_SYNIC_INTERCEPTION_SINT_INDEX].append(
+            self._message(S.HVMSG_X64_APIC_EOI, pl, vp.part.id))
+        self._deliver(cpu, S.HV_SYNIC_INTERCEPTION_SINT_INDEX)
+        self._log("  vp %x/%d EOI of level-triggered 0x%x -> cpu%d" % (vp.part.id, vp.index, r[0], cpu))
+
+    def _send_ipi(self, vp, low, dest, x2apic):
+        """Lock held: the guest wrote its ICR (low dword `low`, destination `dest`)."""
+        vector, mode = low & 0xFF, (low >> 8) & 7
+        level = bool(low & A.LVT_LEVEL)
+        shorthand = (low >> 18) & 3
+        p = vp.part
+        if shorthand == 1:
+            targets = [vp]
+        elif shorthand in (2, 3):
+            targets = [t for t in p.vps.values() if shorthand == 2 or t is not vp]
+        elif low & (1 << 11):
+            self._log("  vp %x/%d IPI with a logical destination dropped" % (p.id, vp.index))
+            return
+        else:
+            bcast = 0xFFFFFFFF if x2apic else 0xFF
+            targets = [t for t in p.vps.values()
+                       if dest == bcast or t.reg(_r("HV_X64_REGISTER_INITIAL_APIC_ID")) == dest]
+        if mode == A.DM_LOWEST and len(targets) > 1:
+            targets = [min(targets, key=lambda v: (v.apic.ppr(), v.index))]
+        for t in targets:
+            self._apic_message(t, mode, vector, level, self._vp_cpu(vp))
+
+    def _vp_cpu(self, vp):
+        """The root CPU that gets a VP's events (doorbells to HV_ANY_VP, EOI
+        messages): the CPU whose DispatchVp runs it (root scheduler), or the CPU
+        that last released it (core scheduler)."""
+        if vp is None:
+            return 0
+        cpu = vp.dispatch_cpu if self.scheduler == "root" else vp.notify_cpu
+        if cpu is None:
+            cpu = vp.dispatch_cpu if vp.dispatch_cpu is not None else vp.notify_cpu
+        return cpu if cpu is not None and cpu < self.ncpus else 0
+
+    def _apic_page(self, vp):
+        """GPA of the VP's xAPIC page, or None when the APIC is not memory-mapped
+        (partition created without LAPIC_ENABLED, APIC disabled, or x2APIC mode)."""
+        if not vp.part.flags & S.HV_PARTITION_CREATION_FLAG_LAPIC_ENABLED:
+            return None
+        base = vp.reg(_r("HV_X64_REGISTER_APIC_BASE"))
+        if not base & A.APIC_BASE_ENABLE or base & A.APIC_BASE_EXTD:
+            return None
+        return base & 0x000FFFFFFFFFF000
+
+    def _apic_mmio(self, vp, st, off, size, write, value):
+        """Lock held: an access to the xAPIC page. Returns the value read."""
+        a = vp.apic
+        if write:
+            if size == 4 and not off & 0xF:
+                self._apic_reg_write(vp, st, off, value, x2apic=False)
+            return 0
+        reg, byte = off & ~0xF, off & 0xF
+        if reg >= A.APIC_PAGE_END or byte + size > 4:
+            return 0
+        return (a.read(reg) >> (8 * byte)) & ((1 << (8 * size)) - 1)
+
+    def _apic_reg_write(self, vp, st, off, value, x2apic, icr_dest=None):
+        a = vp.apic
+        action = a.write(off, value)
+        if off == A.APIC_TPR and st is not None:
+            st.cr8 = a.tpr >> 4
+        if action == "eoi":
+            self._apic_eoi(vp)
+        elif action == "icr":
+            dest = icr_dest if icr_dest is not None else (a.regs[A.APIC_ICR_HIGH] >> 24)
+            self._send_ipi(vp, a.regs[A.APIC_ICR_LOW], dest, x2apic)
+        elif action == "self_ipi" and x2apic:
+            self._apic_message(vp, A.DM_FIXED, value & 0xFF, False, self._vp_cpu(vp))
+
+    def _apic_msr(self, vp, msr, write, value):
+        """Lock held: x2APIC MSRs 0x800-0x83F and the synthetic EOI/ICR/TPR MSRs.
+        Returns the value read (None for writes)."""
+        off = {S.HV_X64_MSR_EOI: A.APIC_EOI, S.HV_X64_MSR_ICR: A.APIC_ICR_LOW,
+               S.HV_X64_MSR_TPR: A.APIC_TPR}.get(msr)
+        if off is None:
+            off = (msr - A.X2APIC_MSR_BASE) << 4
+        a = vp.apic
+        if off == A.APIC_ICR_LOW:
+            if not write:
+                return (a.regs[A.APIC_ICR_HIGH] << 32) | a.regs[A.APIC_ICR_LOW]
+            a.regs[A.APIC_ICR_HIGH] = (value >> 32) & 0xFFFFFFFF
+            self._apic_reg_write(vp, None, off, value & 0xFFFFFFFF, x2apic=True, icr_dest=value >> 32)
+            return None
+        if not write:
+            return a.read(off, x2apic=True)
+        self._apic_reg_write(vp, None, off, value, x2apic=True)
+        return None
 
     def _hc_signal_event_direct(self, c):
         i = c.inp
@@ -1270,37 +1572,223 @@ class Hypervisor:
         self._vp(p, i.vp_index)
         return S.HV_STATUS_SUCCESS
 
+    # ================================================================ ports and connections
+    PORT_TYPES = frozenset(spec.enum("hv_port_type").values())
+
+    def _ipc_owner(self, pid):
+        """The partition that owns a port or connection: the root, or an
+        initialized child (after finalize only withdraw/delete are accepted)."""
+        p = self._part(pid)
+        if p is not self.root and p.state != ST_INITIALIZED:
+            raise HvError(S.HV_STATUS_INVALID_PARTITION_STATE)
+        return p
+
     def _hc_create_port(self, c):
         i = c.inp
-        p = self._part(i.port_partition_id)
-        self._part(i.connection_partition_id)
-        if (p.id, i.port_id) in self.root.ports:
+        p = self._ipc_owner(i.port_partition_id)
+        if i.port_vtl or i.min_connection_vtl:
+            return S.HV_STATUS_INVALID_PARAMETER          # VTLs are not modelled: only VTL 0
+        if i.port_id & ~ID_MASK:
+            return S.HV_STATUS_INVALID_PARAMETER          # HV_PORT_ID.Reserved
+        if i.port_id == 0 or i.port_id in p.ports:
             return S.HV_STATUS_INVALID_PORT_ID
-        self.root.ports[(p.id, i.port_id)] = i.port_info.port_type
+        conn_pid = i.connection_partition_id
+        if conn_pid:
+            cp = self._part(conn_pid)
+            if cp.state == ST_FINALIZED:
+                return S.HV_STATUS_INVALID_PARTITION_STATE
+            conn_pid = cp.id
+        info = i.port_info
+        t = info.port_type
+        if t not in self.PORT_TYPES:
+            return S.HV_STATUS_INVALID_PARAMETER
+        if t == S.HV_PORT_TYPE_DOORBELL and p is not self.root:
+            return S.HV_STATUS_INVALID_PARAMETER          # doorbell ports: root partition only
+        if t != S.HV_PORT_TYPE_MONITOR:
+            if not S.HV_SYNIC_INTERCEPTION_SINT_INDEX < info.target_sint < SINT_COUNT:
+                return S.HV_STATUS_INVALID_PARAMETER      # SINT 1..15 (SINT 0 is the hypervisor's)
+            if info.target_vp != S.HV_ANY_VP:
+                n = self.ncpus if p is self.root else None
+                if (n is not None and info.target_vp >= n) or (n is None and info.target_vp not in p.vps):
+                    return S.HV_STATUS_INVALID_VP_INDEX
+            if t == S.HV_PORT_TYPE_EVENT:
+                base = info.bits("event_flags", "base_flag_number")
+                count = info.bits("event_flags", "flag_count")
+                if count == 0 or base + count > EVENT_FLAGS_PER_SINT:
+                    return S.HV_STATUS_INVALID_PARAMETER
+            elif info.event_flags:
+                return S.HV_STATUS_INVALID_PARAMETER      # RsvdZ of message/doorbell port info
+        self._take(p, self.costs["create_port"], ("port", i.port_id))
+        p.ports[i.port_id] = Port(p, i.port_id, info, conn_pid)
         return S.HV_STATUS_SUCCESS
 
     def _hc_connect_port(self, c):
         i = c.inp
-        cp = self._part(i.connection_partition_id)
-        if (self._part(i.port_partition_id).id, i.port_id) not in self.root.ports:
+        cp = self._ipc_owner(i.connection_partition_id)
+        if i.connection_vtl:
+            return S.HV_STATUS_INVALID_PARAMETER
+        cid = i.connection_id
+        if cid & ~ID_MASK:
+            return S.HV_STATUS_INVALID_PARAMETER          # HV_CONNECTION_ID.Reserved
+        if cid == 0 or cid in cp.connections:
+            return S.HV_STATUS_INVALID_CONNECTION_ID
+        pp = self._part(i.port_partition_id)
+        if pp.state == ST_FINALIZED:
+            return S.HV_STATUS_INVALID_PARTITION_STATE
+        port = pp.ports.get(i.port_id)
+        if port is None:
             return S.HV_STATUS_INVALID_PORT_ID
-        cp.connections[i.connection_id] = (i.port_partition_id, i.port_id)
+        if port.conn_pid and port.conn_pid != cp.id:
+            return S.HV_STATUS_ACCESS_DENIED              # the port names another connection partition
+        info = i.connection_info
+        if info.port_type != port.type:
+            return S.HV_STATUS_INVALID_PARAMETER
+        if info.port_type == S.HV_PORT_TYPE_DOORBELL:
+            f = info.doorbell_flags
+            if f & ~(S.HV_DOORBELL_FLAG_TRIGGER_SIZE_MASK | S.HV_DOORBELL_FLAG_TRIGGER_ANY_VALUE):
+                return S.HV_STATUS_INVALID_PARAMETER
+            size_code = f & S.HV_DOORBELL_FLAG_TRIGGER_SIZE_MASK
+            if size_code != S.HV_DOORBELL_FLAG_TRIGGER_SIZE_ANY and size_code not in DOORBELL_SIZES:
+                return S.HV_STATUS_INVALID_PARAMETER
+            n = DOORBELL_SIZES.get(size_code, 1)
+            width = cp.props.get(S.HV_PARTITION_PROPERTY_PHYSICAL_ADDRESS_WIDTH, 46) if cp is not self.root else 46
+            if info.doorbell_gpa + n > (1 << width) or (info.doorbell_gpa & 0xFFF) + n > S.PAGE_SIZE:
+                return S.HV_STATUS_INVALID_PARAMETER      # beyond the GPA space, or crossing a page
+        elif info.doorbell_trigger_value or info.doorbell_flags or (
+                info.doorbell_gpa and info.port_type != S.HV_PORT_TYPE_MONITOR):
+            return S.HV_STATUS_INVALID_PARAMETER          # union members of other types are RsvdZ
+        self._take(cp, self.costs["connect_port"], ("conn", cid))
+        cp.connections[cid] = Connection(cp, cid, port, info)
         return S.HV_STATUS_SUCCESS
 
+    def _drop_port(self, port):
+        """The port is gone: its connections stay but are dead, and signals the
+        hypervisor still held back for a full event ring are dropped."""
+        port.alive = False
+        if port.part is self.root:
+            for s in self.synic.values():
+                for kept in s.kept:
+                    while port.id in kept:
+                        kept.remove(port.id)
+
     def _hc_delete_port(self, c):
-        p = self._part(c.inp.port_partition_id)
-        if self.root.ports.pop((p.id, c.inp.port_id), None) is None:
+        p = self._ipc_owner(c.inp.port_partition_id)
+        port = p.ports.pop(c.inp.port_id, None)
+        if port is None:
             return S.HV_STATUS_INVALID_PORT_ID
+        self._give_back(p, ("port", port.id))
+        self._drop_port(port)
         return S.HV_STATUS_SUCCESS
 
     def _hc_disconnect_port(self, c):
-        p = self._part(c.inp.connection_partition_id)
-        if p.connections.pop(c.inp.connection_id, None) is None:
+        i = c.inp
+        p = self._ipc_owner(i.connection_partition_id)
+        conn = p.connections.get(i.connection_id)
+        if conn is None:
             return S.HV_STATUS_INVALID_CONNECTION_ID
+        if i.bits("flags", "is_doorbell") != int(conn.type == S.HV_PORT_TYPE_DOORBELL):
+            return S.HV_STATUS_INVALID_PARAMETER
+        del p.connections[conn.id]
+        self._give_back(p, ("conn", conn.id))
         return S.HV_STATUS_SUCCESS
 
     def _hc_notify_port_ring_empty(self, c):
+        """The root drained a ring it found marked full (on its own CPU):
+        write the signals held back, in order, as far as they fit."""
+        sint = c.inp.sint_index
+        if sint >= SINT_COUNT:
+            return S.HV_STATUS_INVALID_PARAMETER
+        self.synic_pages(c.cpu)
+        s = self.synic[c.cpu]
+        wrote = False
+        while s.kept[sint] and self._ring_slot_free(c.cpu, sint):
+            self._ring_write(c.cpu, sint, s.kept[sint].pop(0))
+            wrote = True
+        if s.kept[sint]:
+            self._ring_set(c.cpu, sint, RING_FULL, 1)
+        if wrote:
+            self._ring_notify(c.cpu, sint)
         return S.HV_STATUS_SUCCESS
+
+    # ---------------------------------------------------------------- event rings
+    def _ring_gpa(self, cpu, sint):
+        return (self.synic[cpu].sirbp_pfn << 12) + sint * S.hv_synic_event_ring.SIZE
+
+    def _ring_set(self, cpu, sint, off, value):
+        self.mem.write(self._ring_gpa(cpu, sint) + off, bytes([value]))
+
+    def _ring_slot_free(self, cpu, sint):
+        head = self.synic[cpu].heads[sint]
+        return self.mem.read_u32(self._ring_gpa(cpu, sint) + RING_DATA + 4 * head) == 0
+
+    def _ring_write(self, cpu, sint, port_id):
+        s = self.synic[cpu]
+        head = s.heads[sint]
+        self.mem.write_u32(self._ring_gpa(cpu, sint) + RING_DATA + 4 * head, port_id)
+        s.heads[sint] = (head + 1) % RING_SLOTS
+
+    def _ring_notify(self, cpu, sint):
+        """Unless the root masked the ring's signal, post HVMSG_SYNIC_SINT_INTERCEPT
+        (the root configures the doorbell SINT "as intercept") to SINT0. At most
+        one such notification per SINT waits in the queue."""
+        if self.mem.read(self._ring_gpa(cpu, sint) + RING_MASKED, 1)[0]:
+            return
+        pl = S.hv_notification_message_payload(sint_index=sint)
+        msg = self._message(S.HVMSG_SYNIC_SINT_INTERCEPT, pl, 0)
+        q = self.synic[cpu].queues[S.HV_SYNIC_INTERCEPTION_SINT_INDEX]
+        if msg in q:
+            return
+        q.append(msg)
+        self._deliver(cpu, S.HV_SYNIC_INTERCEPTION_SINT_INDEX)
+
+    def _signal_port(self, port, vp):
+        """Lock held: a doorbell rang `port` (a root port) from `vp`."""
+        cpu = self._vp_cpu(vp) if port.target_vp == S.HV_ANY_VP else port.target_vp
+        sint = port.target_sint
+        self.synic_pages(cpu)
+        s = self.synic[cpu]
+        port.signals += 1
+        if s.kept[sint] or not self._ring_slot_free(cpu, sint):
+            # ring full: keep the signal (once per port) until NotifyPortRingEmpty
+            if port.id not in s.kept[sint]:
+                s.kept[sint].append(port.id)
+            self._ring_set(cpu, sint, RING_FULL, 1)
+            self._log("  port %d signalled: cpu%d sint%d ring full, kept" % (port.id, cpu, sint))
+            return
+        self._ring_write(cpu, sint, port.id)
+        self._log("  port %d signalled: cpu%d sint%d" % (port.id, cpu, sint))
+        self._ring_notify(cpu, sint)
+
+    def _ring_restart(self, cpu):
+        """The root (re)enables its event ring page (hvsim: HVSIM_OP_SYNIC_PAGES):
+        the rings start again at slot 0; entries not yet consumed and signals
+        held back are written again, in order, for ports that still exist."""
+        s = self.synic[cpu]
+        live = {pid for pid in self.root.ports}
+        for sint in range(SINT_COUNT):
+            base = self._ring_gpa(cpu, sint)
+            pending = []
+            for k in range(RING_SLOTS):
+                slot = (s.heads[sint] + k) % RING_SLOTS
+                v = self.mem.read_u32(base + RING_DATA + 4 * slot)
+                if v:
+                    pending.append(v)
+            pending += s.kept[sint]
+            self.mem.fill(base, S.hv_synic_event_ring.SIZE)
+            s.heads[sint] = 0
+            s.kept[sint] = []
+            wrote = False
+            for pid in pending:
+                if pid not in live:
+                    continue
+                if not s.kept[sint] and self._ring_slot_free(cpu, sint):
+                    self._ring_write(cpu, sint, pid)
+                    wrote = True
+                elif pid not in s.kept[sint]:
+                    s.kept[sint].append(pid)
+                    self._ring_set(cpu, sint, RING_FULL, 1)
+            if wrote:
+                self._ring_notify(cpu, sint)
 
     def _hc_map_stats_page(self, c):
         i = c.inp
@@ -1330,14 +1818,21 @@ class Hypervisor:
         return S.HV_STATUS_SUCCESS
 
     # ================================================================ root SynIC
-    def synic_pages(self, cpu):
-        """(SIMP GPA, SIEFP GPA) of root CPU `cpu`, allocated once."""
+    def synic_pages(self, cpu, enable=False):
+        """(SIMP GPA, SIEFP GPA, SIRBP GPA) of root CPU `cpu`: its message page,
+        event flags page and event ring page, allocated (zeroed) once.
+        enable=True is the root enabling them at SynIC init (hvsim:
+        HVSIM_OP_SYNIC_PAGES): the event rings restart at slot 0, since a
+        freshly loaded driver's tail is 0 (see docs/hvsim-model.md)."""
         with self._lock:
             s = self.synic.get(cpu)
             if s is None:
                 s = self.synic[cpu] = RootSynic(self._alloc_overlay(("simp", cpu)),
-                                                self._alloc_overlay(("siefp", cpu)))
-            return s.simp_pfn << 12, s.siefp_pfn << 12
+                                                self._alloc_overlay(("siefp", cpu)),
+                                                self._alloc_overlay(("sirbp", cpu)))
+            elif enable:
+                self._ring_restart(cpu)
+            return s.simp_pfn << 12, s.siefp_pfn << 12, s.sirbp_pfn << 12
 
     def _slot(self, cpu, sint):
         self.synic_pages(cpu)
@@ -1372,6 +1867,9 @@ class Hypervisor:
             self.mem.write(slot + 4, bytes(msg[4:]))
             self.mem.write(slot, bytes(msg[:4]))       # the type goes last
             self._post_notify(cpu)
+            vp = self._dispatching.get(cpu)
+            if vp is not None:
+                vp.root_irq = True      # the CPU has an interrupt: its DispatchVp returns
             return
 
     def eom(self, cpu):
@@ -1414,6 +1912,12 @@ class Hypervisor:
         p = vp.part
 
         def decide(kind, **kw):
+            if kind == "doorbell":
+                with self._lock:
+                    hit = self._doorbell(vp, kw["gpa"], kw["size"], kw["value"])
+                if hit:
+                    self._flush_notify()
+                return ("consume" if hit else "exit"), None
             if kind == "cpuid":
                 res = self.cpuid_value(vp, kw["eax"], kw["ecx"])
                 if (S.HV_INTERCEPT_TYPE_X64_CPUID, kw["eax"]) in p.intercepts or \
@@ -1426,6 +1930,11 @@ class Hypervisor:
                 for key in ((S.HV_INTERCEPT_TYPE_X64_MSR_INDEX, msr), (S.HV_INTERCEPT_TYPE_X64_MSR, 0)):
                     if p.intercepts.get(key, 0) & acc:
                         return "exit", None
+                if msr in (S.HV_X64_MSR_EOI, S.HV_X64_MSR_ICR, S.HV_X64_MSR_TPR):
+                    with self._lock:        # the synthetic aliases of the APIC's EOI, ICR and TPR
+                        res = self._apic_msr(vp, msr, kw["write"], kw["value"])
+                    self._flush_notify()
+                    return "emulate", res
                 if 0x40000000 <= msr <= 0x400000FF:
                     store = self.msr_values.setdefault((p.id, vp.index), {})
                     if kw["write"]:
@@ -1434,8 +1943,11 @@ class Hypervisor:
                     if msr == S.HV_X64_MSR_VP_INDEX:
                         return "emulate", vp.index
                     return "emulate", store.get(msr, 0)
-                if msr == X2APIC_EOI and kw["write"]:
-                    return "emulate", None     # edge semantics: nothing to acknowledge
+                if A.X2APIC_MSR_BASE <= msr <= A.X2APIC_MSR_LAST:
+                    with self._lock:
+                        res = self._apic_msr(vp, msr, kw["write"], kw["value"])
+                    self._flush_notify()
+                    return "emulate", res
                 return "native", None
             return "emulate", None
         return decide
@@ -1523,28 +2035,81 @@ class Hypervisor:
         return self._message(S.HVMSG_UNRECOVERABLE_EXCEPTION, S.hv_x64_unrecoverable_exception_message(header=hdr), pid)
 
     def _irq_entry(self, vp, st):
-        """Lock held, before (re-)entering the guest: deliver the highest pending
-        vector if the VP can take it. Returns an Exit that ends the slice
-        ("blocked" for a halted VP with nothing deliverable, "unrecoverable" when
-        delivery fails) or None to run."""
+        """Lock held, before (re-)entering the guest: act on INIT/SIPI and deliver
+        the highest-priority event the VP can take (NMI, then ExtINT, then the
+        highest IRR vector above PPR). Returns an Exit that ends the slice
+        ("blocked" for a halted or INIT-ed VP with nothing to take,
+        "unrecoverable" when delivery fails) or None to run."""
+        from .cpu import Exit
         a = vp.apic
-        if a.irr and st.rflags & RF_IF and st.shadow_at != (st.segs[1][0] + st.rip) & U64:
-            v = a.highest()
-            a.irr.discard(v)
+        if a.init_pending or (a.wait_sipi and a.sipi_pending is not None):
+            self._apply_init_sipi(vp, st)
+        if a.wait_sipi:
+            return Exit("blocked")
+        shadow = st.shadow_at == (st.segs[1][0] + st.rip) & U64
+        v = kind = None
+        if not shadow:
+            if a.nmi_pending and not a.nmi_blocked:
+                v, kind = NMI_VECTOR, "NMI"
+                a.nmi_pending = False
+                a.nmi_blocked = True          # until the next IRET
+            elif st.rflags & RF_IF:
+                if a.extint is not None:
+                    v, kind = a.extint, "ExtINT"
+                    a.extint = None
+                else:
+                    v = a.deliverable_vector()
+                    if v is not None:
+                        kind = "interrupt"
+                        a.take(v)
+        if v is not None:
             a.halted = False
             try:
                 apic_deliver(self, vp.part, self._engine(vp), st, v)
             except DeliveryError as e:
-                self._log("  vp %x/%d interrupt 0x%x not deliverable: %s" % (vp.part.id, vp.index, v, e))
-                from .cpu import Exit
+                self._log("  vp %x/%d %s 0x%x not deliverable: %s" % (vp.part.id, vp.index, kind, v, e))
                 return Exit("unrecoverable", error="interrupt delivery: %s" % e)
             a.delivered.append(v)
-            self._log("  vp %x/%d interrupt 0x%x delivered" % (vp.part.id, vp.index, v))
+            self._log("  vp %x/%d %s 0x%x delivered" % (vp.part.id, vp.index, kind, v))
             return None
         if a.halted:
-            from .cpu import Exit
             return Exit("blocked")
         return None
+
+    def _doorbell(self, vp, gpa, size, value):
+        """Lock held: the guest writes `size` bytes of `value` at `gpa`, which is
+        not mapped in Unicorn. True when the write rings doorbells (the
+        hypervisor takes it: no intercept)."""
+        p = vp.part
+        if (gpa >> 12) in p.gpa or not p.connections:
+            return False
+        hits = [cn for cn in p.connections.values() if cn.matches(gpa, size, value)]
+        for cn in hits:
+            cn.triggers += 1
+            self._log("  vp %x/%d doorbell gpa 0x%x size %d value 0x%x: connection %d" % (
+                p.id, vp.index, gpa, size, value, cn.id))
+            if cn.port.alive:
+                self._signal_port(cn.port, vp)
+        return bool(hits)
+
+    def _mmio(self, vp, st, ex):
+        """Lock held: the guest did a MOV load/store to an unmapped GPA. The
+        hypervisor completes it itself when it is the xAPIC page; returns False
+        for an ordinary HVMSG_UNMAPPED_GPA intercept."""
+        p = vp.part
+        if (ex.gpa >> 12) in p.gpa:
+            return False
+        apic = self._apic_page(vp)
+        if apic is None or not apic <= ex.gpa < apic + S.PAGE_SIZE:
+            return False
+        size = ex.size
+        value = ex.value & ((1 << (8 * size)) - 1) if ex.write else 0
+        got = self._apic_mmio(vp, st, ex.gpa - apic, size, ex.write, value)
+        if not ex.write:
+            _set_gpr(st, ex.mov, got)
+        st.rip = (st.rip + ex.length) & eng_ipmask(st)
+        st.shadow_at = None
+        return True
 
     def _run_slice(self, vp):
         """Run the VP (model lock NOT held). Returns the engine Exit.
@@ -1552,34 +2117,52 @@ class Hypervisor:
         Interrupts are delivered here between engine runs: before entering the
         guest, when the engine stops on a deliverable interrupt, and when the
         guest executes HLT with IF=1 (HLT completes, RIP moves past it; with
-        nothing pending the VP is halted and the slice ends with "blocked")."""
+        nothing pending the VP is halted and the slice ends with "blocked").
+        Accesses the hypervisor completes itself (xAPIC page, doorbells) are
+        handled here too. In the root scheduler a root interrupt for the
+        dispatching CPU (a message written to its SIM page) ends the slice
+        with "preempt", so the root can take it."""
         from .cpu import Exit
         eng = self._engine(vp)
         deadline = time.monotonic() + self.time_slice
         budget = self.max_insns
-        irq = vp.apic.irr.__len__
+        irq = vp.apic.pending_kind
+
+        def stop():
+            return vp.stop_req or vp.root_irq
         while True:
             with self._lock:
                 self._sync_reg_page_in(vp)
                 st = vp.cpu.copy()
                 if vp.stop_req:
                     return Exit("stopped")
+                if vp.root_irq:
+                    return Exit("preempt")
                 ex = self._irq_entry(vp, st)
+                st.cr8 = vp.apic.tpr >> 4
                 vp.cpu = st
                 if ex is not None:
                     return ex
-            ex = eng.run(st, budget, deadline, lambda: vp.stop_req, self._decide(vp), irq)
+            ex = eng.run(st, budget, deadline, stop, self._decide(vp), irq)
             budget -= eng.count
+            handled = False
             with self._lock:
                 vp.cpu = st
+                if ex.kind == "stopped" and not vp.stop_req:
+                    ex = Exit("preempt")
                 if ex.kind == "interrupt":
-                    continue
-                if ex.kind == "halt" and st.rflags & RF_IF:
+                    handled = True
+                elif ex.kind == "halt" and st.rflags & RF_IF:
                     st.rip = (st.rip + ex.length) & eng_ipmask(st)
                     st.shadow_at = None
                     vp.apic.halted = True
-                    continue
-                return ex
+                    handled = True
+                elif ex.kind == "memory" and getattr(ex, "mov", None) and self._mmio(vp, st, ex):
+                    handled = True
+                if not handled:
+                    return ex
+            if self._notify_q:
+                self._flush_notify()
 
     def _record_intercept(self, vp, ex):
         """Lock held: the VP stopped on an intercept."""
@@ -1625,10 +2208,13 @@ class Hypervisor:
                 iv = S.hv_vp_register_page_interrupt_vectors.from_bytes(self.mem.read(off, 8))
                 for k in range(min(iv.vector_count, 7)):
                     if iv.vector[k] >= MIN_VECTOR:
-                        vp.apic.irr.add(iv.vector[k])
+                        vp.apic.accept(iv.vector[k], False)     # edge, like a FIXED assert
                 self.mem.write(off, bytes(8))
         vp.running = True
         vp.stop_req = False
+        vp.root_irq = False
+        vp.dispatch_cpu = c.cpu
+        self._dispatching[c.cpu] = vp
 
         def cont():
             try:
@@ -1636,6 +2222,9 @@ class Hypervisor:
             finally:
                 with self._lock:
                     vp.running = False
+                    if self._dispatching.get(c.cpu) is vp:
+                        del self._dispatching[c.cpu]
+                    vp.root_irq = False
                     self._cond.notify_all()
             with self._lock:
                 if vp.deleted:
@@ -1648,7 +2237,7 @@ class Hypervisor:
                     c.out = O(dispatch_state=S.HV_VP_DISPATCH_STATE_BLOCKED,
                               dispatch_event=S.HV_VP_DISPATCH_EVENT_SUSPEND)
                 elif ex.kind == "blocked":
-                    # halted with IF=1: the VP waits for an interrupt; _raise_irq
+                    # halted with IF=1: the VP waits for an interrupt; _apic_message
                     # posts VP_SIGNAL_PAIR when one arrives
                     self._sync_reg_page_out(vp)
                     c.out = O(dispatch_state=S.HV_VP_DISPATCH_STATE_BLOCKED, dispatch_event=self.halt_event)
@@ -1691,7 +2280,7 @@ class Hypervisor:
                     if ex.kind == "blocked":
                         # halted with IF=1: sleep until an interrupt or a stop request
                         self._sync_reg_page_out(vp)
-                        while (vp.apic.halted and not vp.apic.irr and not vp.stop_req
+                        while (vp.apic.blocked() and not vp.stop_req
                                and self._runnable(vp) and not self._closed):
                             self._cond.wait()
                         continue

@@ -165,6 +165,105 @@ class Root:
         m = S.hv_message.from_bytes(self.ram.read(gpa, 256))
         return m.header.message_type, self.ram.read(gpa + 16, 240)
 
+    # -------------------------------------------------------------- ports (like the driver)
+    def _retry(self, pid, build):
+        """Issue build() until it stops asking for memory: one page into `pid`
+        per INSUFFICIENT_MEMORY (the spec's deposit policy for ports)."""
+        for _ in range(8):
+            st = build()
+            if st != S.HV_STATUS_INSUFFICIENT_MEMORY:
+                return st
+            assert self.deposit(pid, self.pool_pages(1))[0] == S.HV_STATUS_SUCCESS
+        return st
+
+    def create_port(self, port_id, conn_pid, port_pid=ROOT_ID, ptype=S.HV_PORT_TYPE_DOORBELL,
+                    sint=S.HV_SYNIC_DOORBELL_SINT_INDEX, vp=S.HV_ANY_VP, retry=True, event_flags=0, **kw):
+        inp = S.hv_input_create_port(port_partition_id=port_pid, port_id=port_id,
+                                     connection_partition_id=conn_pid, **kw)
+        inp.port_info.event_flags = event_flags
+        inp.port_info.port_type = ptype
+        inp.port_info.target_sint = sint
+        inp.port_info.target_vp = vp
+        call = lambda: self.st(S.HVCALL_CREATE_PORT, inp)      # noqa: E731
+        return self._retry(port_pid, call) if retry else call()
+
+    def connect_port(self, conn_id, conn_pid, port_id, gpa=0, value=0, flags=0, port_pid=ROOT_ID,
+                     ptype=S.HV_PORT_TYPE_DOORBELL, retry=True, **kw):
+        inp = S.hv_input_connect_port(connection_partition_id=conn_pid, connection_id=conn_id,
+                                      port_partition_id=port_pid, port_id=port_id, **kw)
+        ci = inp.connection_info
+        ci.port_type, ci.doorbell_gpa, ci.doorbell_trigger_value, ci.doorbell_flags = ptype, gpa, value, flags
+        call = lambda: self.st(S.HVCALL_CONNECT_PORT, inp)     # noqa: E731
+        return self._retry(conn_pid, call) if retry else call()
+
+    def delete_port(self, port_id, port_pid=ROOT_ID):
+        inp = S.hv_input_delete_port(port_partition_id=port_pid, port_id=port_id)
+        return self.fast(S.HVCALL_DELETE_PORT, *struct.unpack("<QQ", inp.to_bytes()))
+
+    def disconnect_port(self, conn_id, conn_pid, doorbell=True):
+        inp = S.hv_input_disconnect_port(connection_partition_id=conn_pid, connection_id=conn_id,
+                                         flags=int(doorbell))
+        return self.fast(S.HVCALL_DISCONNECT_PORT, *struct.unpack("<QQ", inp.to_bytes()))
+
+    def doorbell(self, pid, port_id, gpa, value=0, flags=0, conn_id=None):
+        """The driver's ioeventfd registration: a root doorbell port + a connection."""
+        assert self.create_port(port_id, pid) == S.HV_STATUS_SUCCESS
+        st = self.connect_port(port_id if conn_id is None else conn_id, pid, port_id, gpa, value, flags)
+        assert st == S.HV_STATUS_SUCCESS, st
+
+    # -------------------------------------------------------------- root SynIC (like Linux)
+    def sint0(self, cpu):
+        return self.hv.synic_pages(cpu)[0] + S.hv_message.SIZE * S.HV_SYNIC_INTERCEPTION_SINT_INDEX
+
+    def take_message(self, cpu):
+        """The root's ISR: read the SINT0 slot, free it, EOM if msg_pending.
+        Returns (type, payload bytes, sender) or None when the slot is empty."""
+        gpa = self.sint0(cpu)
+        m = S.hv_message.from_bytes(self.ram.read(gpa, S.hv_message.SIZE))
+        if m.header.message_type == S.HVMSG_NONE:
+            return None
+        out = (m.header.message_type, self.ram.read(gpa + 16, 240), m.header.sender)
+        self.ram.write_u32(gpa, S.HVMSG_NONE)
+        if m.header.bits("message_flags", "msg_pending"):
+            self.hv.eom(cpu)
+        return out
+
+    def ring(self, cpu, sint=S.HV_SYNIC_DOORBELL_SINT_INDEX):
+        gpa = self.hv.synic_pages(cpu)[2] + sint * S.hv_synic_event_ring.SIZE
+        return gpa, S.hv_synic_event_ring.from_bytes(self.ram.read(gpa, S.hv_synic_event_ring.SIZE))
+
+    def ring_get(self, cpu, sint=S.HV_SYNIC_DOORBELL_SINT_INDEX):
+        """Linux's synic_event_ring_get_queued_port(): the next port id or 0."""
+        tails = self.__dict__.setdefault("tails", {})
+        tail = tails.get((cpu, sint), 0)
+        gpa, _ = self.ring(cpu, sint)
+        off = S.hv_synic_event_ring.OFFSETS
+        slot = gpa + off["data"] + 4 * tail
+        port = self.ram.read_u32(slot)
+        if not port:
+            if self.ram.read(gpa + off["ring_full"], 1)[0]:
+                self.ram.write(gpa + off["ring_full"], b"\0")
+                st = self.fast(S.HVCALL_NOTIFY_PORT_RING_EMPTY, sint, cpu=cpu)
+                assert st == S.HV_STATUS_SUCCESS, st
+                port = self.ram.read_u32(slot)
+            if not port:
+                self.ram.write(gpa + off["signal_masked"], b"\0")
+                port = self.ram.read_u32(slot)
+                if not port:
+                    return 0
+            self.ram.write(gpa + off["signal_masked"], b"\1")
+        self.ram.write_u32(slot, 0)
+        tails[(cpu, sint)] = (tail + 1) % len(S.hv_synic_event_ring().data)
+        return port
+
+    def drain_ring(self, cpu, sint=S.HV_SYNIC_DOORBELL_SINT_INDEX):
+        out = []
+        while True:
+            p = self.ring_get(cpu, sint)
+            if not p:
+                return out
+            out.append(p)
+
     # -------------------------------------------------------------- guests
     def real_mode_guest(self, pid, code, at=0x1000, vp=0, regs=(), pages=16):
         """Map `pages` pages at GPA 0, put code at `at`, CS=0 base 0, RIP=at."""
