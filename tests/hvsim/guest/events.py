@@ -18,7 +18,6 @@ from mshvlib import (GuestMemory, Partition, expect_errno, ioctl, open_mshv, run
 PAGE = 4096
 MAIN, HANDLER, COUNTER, STACK = 0x1000, 0x1100, 0x2000, 0x3000
 DOORBELL = 0x8000                      # not mapped: the guest's MMIO doorbell
-CS, RSP = 1, 4
 VEC, VEC2 = 0x30, 0x31
 X2APIC_EOI = 0x80B
 MSI_ADDR = 0xFEE00000
@@ -55,13 +54,7 @@ class Guest:
         self.pt.map(self.mem, 0)
         self.vps = [self.pt.vp(i) for i in range(vps)]
         for vp in self.vps:
-            r = vp.regs
-            r.rip = MAIN
-            r.segments[CS].base = 0
-            r.segments[CS].selector = 0
-            r.gp_registers[RSP] = STACK
-            r.dirty |= (S.HV_X64_REGISTER_PAGE_DIRTY_IP | S.HV_X64_REGISTER_PAGE_DIRTY_SEGMENT
-                        | S.HV_X64_REGISTER_PAGE_DIRTY_GENERAL)
+            vp.start_real_mode(MAIN, rsp=STACK)
             status, _ = vp.set_regs([(S.HV_X64_REGISTER_APIC_BASE,
                                       APIC_BASE_X2APIC & ~(0x100 if vp.index else 0))])
             assert status == S.HV_STATUS_SUCCESS, hex(status)
