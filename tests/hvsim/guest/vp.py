@@ -37,6 +37,21 @@ def _raw_run(vp_fd):
     return ret, ctypes.get_errno(), S.hv_message.from_buffer_copy(buf.raw)
 
 
+def test_teardown_withdraws_more_than_one_batch():
+    """Four VPs make the partition's pool bigger than one WithdrawMemory
+    call returns (512 pages): teardown must keep withdrawing until the
+    hypervisor says the pool is empty (the leak check then sees 0)."""
+    mshv = open_mshv()
+    pt = Partition(mshv)
+    for i in range(4):
+        pt.vp(i)
+    batch = S.HYPERCALLS[S.HVCALL_WITHDRAW_MEMORY]["batch"]
+    assert sim_query()["deposited_pages"] > batch, sim_query()["deposited_pages"]
+    pt.close()
+    os.close(mshv)
+    assert sim_query()["deposited_pages"] == 0
+
+
 def test_vp_index_limit():
     mshv = open_mshv()
     pt = Partition(mshv)
