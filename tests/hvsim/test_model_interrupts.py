@@ -234,7 +234,10 @@ def test_protected_mode_vector_beyond_idt_limit_is_unrecoverable(root):
     assert root.message(msg)[0] == S.HVMSG_UNRECOVERABLE_EXCEPTION
 
 
-def test_long_mode_idt(root):
+def _long_mode_guest(root, code):
+    """A long-mode guest (identity-mapped 2 MiB, 64-bit GDT) running `code`
+    at 0x3000 with an interrupt gate for vector 0x30 at 0x4000; returns
+    (pid, its intercept-message page)."""
     pid = root.new_guest()
     root.map_ram(pid, 0, 32)
     root.gwrite(pid, 0x500, GDT64)
@@ -243,7 +246,7 @@ def test_long_mode_idt(root):
     root.gwrite(pid, 0x12000, struct.pack("<Q", 0x83))          # 2 MiB identity page
     root.gwrite(pid, 0x700 + 0x30 * 16, gate64(0x4000))
     root.gwrite(pid, 0x4000, handler(0x30))
-    root.gwrite(pid, 0x3000, STI_HLT)
+    root.gwrite(pid, 0x3000, code)
     data = seg_pack((0, 0xFFFFFFFF, 0x10, 0xC093))
     regs = [(R.HV_X64_REGISTER_CR3, 0x10000), (R.HV_X64_REGISTER_CR4, 0x20),
             (R.HV_X64_REGISTER_EFER, 0x500), (R.HV_X64_REGISTER_CR0, 0x80000011),
@@ -255,6 +258,11 @@ def test_long_mode_idt(root):
             (R.HV_REGISTER_EXPLICIT_SUSPEND, 0)]
     assert root.set_regs(pid, 0, regs)[0] == S.HV_STATUS_SUCCESS
     msg = root.map_state_page(pid, 0, S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE)
+    return pid, msg
+
+
+def test_long_mode_idt(root):
+    pid, msg = _long_mode_guest(root, STI_HLT)
     assert root.dispatch(pid, 0)[0] == S.HV_VP_DISPATCH_STATE_BLOCKED
     assert assert_irq(root, pid, 0x30) == S.HV_STATUS_SUCCESS
     assert root.dispatch(pid, 0) == READY_INTERCEPT
@@ -420,27 +428,8 @@ def test_guest_tpr_by_x2apic_msr(root):
 
 
 def test_guest_tpr_by_mov_cr8(root):
-    pid = root.new_guest()
-    root.map_ram(pid, 0, 32)
-    root.gwrite(pid, 0x500, GDT64)
-    root.gwrite(pid, 0x10000, struct.pack("<Q", 0x11000 | 3))
-    root.gwrite(pid, 0x11000, struct.pack("<Q", 0x12000 | 3))
-    root.gwrite(pid, 0x12000, struct.pack("<Q", 0x83))
-    root.gwrite(pid, 0x700 + 0x30 * 16, gate64(0x4000))
-    root.gwrite(pid, 0x4000, handler(0x30))
     # mov eax, 3; mov cr8, rax; sti; jmp .
-    root.gwrite(pid, 0x3000, bytes.fromhex("b803000000" "440f22c0") + STI_LOOP)
-    data = seg_pack((0, 0xFFFFFFFF, 0x10, 0xC093))
-    regs = [(R.HV_X64_REGISTER_CR3, 0x10000), (R.HV_X64_REGISTER_CR4, 0x20),
-            (R.HV_X64_REGISTER_EFER, 0x500), (R.HV_X64_REGISTER_CR0, 0x80000011),
-            (R.HV_X64_REGISTER_GDTR, table_pack((0x500, 23))),
-            (R.HV_X64_REGISTER_IDTR, table_pack((0x700, 0x30 * 16 + 15))),
-            (R.HV_X64_REGISTER_CS, seg_pack((0, 0xFFFFFFFF, 0x08, 0xA09B))),
-            (R.HV_X64_REGISTER_DS, data), (R.HV_X64_REGISTER_SS, data),
-            (R.HV_X64_REGISTER_RIP, 0x3000), (R.HV_X64_REGISTER_RSP, 0x9008),
-            (R.HV_REGISTER_EXPLICIT_SUSPEND, 0)]
-    assert root.set_regs(pid, 0, regs)[0] == S.HV_STATUS_SUCCESS
-    msg = root.map_state_page(pid, 0, S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE)
+    pid, msg = _long_mode_guest(root, bytes.fromhex("b803000000" "440f22c0") + STI_LOOP)
     root.hv.max_insns = 2000
     assert assert_irq(root, pid, 0x30) == S.HV_STATUS_SUCCESS
     assert root.dispatch(pid, 0) == PREEMPTED                 # class 3 <= TPR class 3
