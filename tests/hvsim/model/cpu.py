@@ -492,11 +492,34 @@ class Engine:
                     and 0x40 <= b[i - 1] <= 0x4F and b[i - 1] & 4:
                 return self._mov_cr8(addr, size, b[i - 1], b[i + 2], to_cr8=(op2 == 0x22))
             if op2 == 0x01 and i + 2 < len(b) and b[i + 2] in (0xC1, 0xD9):
-                # VMCALL/VMMCALL: guest hypercalls are not modelled
-                self.uc.reg_write(X.UC_X86_REG_RAX, self.hv.S.HV_STATUS_INVALID_HYPERCALL_CODE)
-                self.uc.reg_write(X.UC_X86_REG_RIP, (addr + size - self._seg(1)[0]) & self._ipmask())
+                return self._vmcall(addr, size)
 
     _stale = False
+
+    def _vmcall(self, addr, size):
+        """VMCALL/VMMCALL: a guest hypercall. decide("vmcall", gpr=[16], xmm=[16],
+        cpl=, long64=) -> ("emulate", {"gpr": {i: v}, "xmm": {i: v}}) to complete
+        it, ("exception", {"vector": v, "error_code": e or None}) to fault, or
+        ("exit", None) to intercept."""
+        r = self.uc.reg_read
+        hf = self._hflags()
+        verdict, res = self.decide("vmcall", gpr=[r(x) for x in GPR_UC], xmm=[r(x) for x in XMM_UC],
+                                   cpl=hf & HF_CPL_MASK, long64=bool(hf & HF_CS64))
+        if verdict == "exit":
+            return self._stop(Exit("vmcall", rip_lin=addr, length=size))
+        if verdict == "exception":
+            return self._stop(Exit("exception", rip_lin=addr, vector=res["vector"],
+                                   error_code=res.get("error_code")))
+        for k, v in (res or {}).get("gpr", {}).items():
+            self.uc.reg_write(GPR_UC[k], v & U64)
+        for k, v in (res or {}).get("xmm", {}).items():
+            self.uc.reg_write(XMM_UC[k], v)
+        self.uc.reg_write(X.UC_X86_REG_RIP, (addr + size - self._seg(1)[0]) & self._ipmask())
+
+    def kick(self):
+        """Ask a running engine (from any thread) to re-check should_stop()
+        and irq_pending() soon. This engine polls both at every instruction,
+        so there is nothing to do."""
 
     def _mov_cr8(self, addr, size, rex, modrm, to_cr8):
         """MOV to/from CR8 (REX.R, CR0 encoding): CR8 is the APIC's TPR[7:4].

@@ -1949,6 +1949,9 @@ class Hypervisor:
                     self._flush_notify()
                     return "emulate", res
                 return "native", None
+            if kind == "vmcall":
+                # guest hypercalls are not modelled yet: HV_STATUS_INVALID_HYPERCALL_CODE
+                return "emulate", {"gpr": {0: S.HV_STATUS_INVALID_HYPERCALL_CODE}}
             return "emulate", None
         return decide
 
