@@ -22,7 +22,7 @@ import time
 
 from . import spec
 from . import apic as A
-from .apic import LocalApic, DeliveryError, deliver as apic_deliver, MIN_VECTOR, RF_IF, NMI_VECTOR
+from .apic import LocalApic, MIN_VECTOR, RF_IF, NMI_VECTOR
 from .spec import S
 
 U64 = (1 << 64) - 1
@@ -1163,6 +1163,7 @@ class Hypervisor:
                 return S.HV_STATUS_INVALID_VP_STATE
             if a.name == _r("HV_REGISTER_EXPLICIT_SUSPEND") and a.value.low & 1 and vp.running:
                 vp.stop_req = True
+                self._kick(vp)
                 self._wait_stopped(vp)
             self.set_reg(vp, a.name, a.value.low | (a.value.high << 64))
         self._sync_reg_page_out(vp)
@@ -1423,6 +1424,7 @@ class Hypervisor:
             return
         self._log("  vp %x/%d apic: mode %d vector 0x%x%s" % (vp.part.id, vp.index, mode, vector,
                                                               " level" if level else ""))
+        self._kick(vp)                        # a running VP re-checks what it can take
         if self.scheduler == "root":
             if was_blocked and not a.blocked():
                 # the driver kicks its dispatch thread. Also while a DispatchVp is
@@ -1870,6 +1872,7 @@ class Hypervisor:
             vp = self._dispatching.get(cpu)
             if vp is not None:
                 vp.root_irq = True      # the CPU has an interrupt: its DispatchVp returns
+                self._kick(vp)
             return
 
     def eom(self, cpu):
@@ -1902,6 +1905,14 @@ class Hypervisor:
         self._deliver(cpu, S.HV_SYNIC_INTERCEPTION_SINT_INDEX)
 
     # ================================================================ running VPs
+    @staticmethod
+    def _kick(vp):
+        """Make a running VP's engine re-check its stop and interrupt state
+        soon (any thread; a no-op for a VP without an engine)."""
+        eng = vp.engine
+        if eng is not None:
+            eng.kick()
+
     def _engine(self, vp):
         if vp.engine is None:
             from .cpu import Engine
@@ -2067,11 +2078,11 @@ class Hypervisor:
                         a.take(v)
         if v is not None:
             a.halted = False
-            try:
-                apic_deliver(self, vp.part, self._engine(vp), st, v)
-            except DeliveryError as e:
-                self._log("  vp %x/%d %s 0x%x not deliverable: %s" % (vp.part.id, vp.index, kind, v, e))
-                return Exit("unrecoverable", error="interrupt delivery: %s" % e)
+            # the CPU delivers it through the IVT/IDT at the next entry; a
+            # fault while delivering escalates as on hardware (a triple fault
+            # ends the run as an unrecoverable exception)
+            self._engine(vp).inject("nmi" if kind == "NMI" else "interrupt", v)
+            st.shadow_at = None
             a.delivered.append(v)
             self._log("  vp %x/%d %s 0x%x delivered" % (vp.part.id, vp.index, kind, v))
             return None
@@ -2313,6 +2324,7 @@ class Hypervisor:
     def _stop_vp(self, vp):
         if vp.running:
             vp.stop_req = True
+            self._kick(vp)
             self._wait_stopped(vp)
 
     def wait_idle(self, timeout=10):
@@ -2333,6 +2345,7 @@ class Hypervisor:
                 for vp in p.vps.values():
                     if vp.running:
                         vp.stop_req = True
+                        self._kick(vp)
             try:
                 for p in self.partitions.values():
                     for vp in p.vps.values():
