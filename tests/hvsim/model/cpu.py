@@ -105,11 +105,13 @@ class _Kicker:
         with self._cond:
             self._seq += 1
             token = self._seq
+            earliest = self._heap[0][0] if self._heap else None
             heapq.heappush(self._heap, (deadline, token, engine))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, daemon=True, name="hvsim-kicker")
                 self._thread.start()
-            self._cond.notify()
+            if earliest is None or deadline < earliest:
+                self._cond.notify()     # otherwise the thread wakes before this one is due
             return token
 
     def _loop(self):
