@@ -32,6 +32,7 @@ import time
 
 from . import ucx
 from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_PROT,
+                     UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE,
                      UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MEM_FETCH_UNMAPPED,
                      UC_MEM_READ_PROT, UC_MEM_WRITE_PROT, UC_MEM_FETCH_PROT)
 from unicorn import x86_const as X
@@ -218,9 +219,16 @@ class Engine:
             self.uc.mem_map_ptr(gfn << 12, n << 12, prot, ram.host_pointer(pfn << 12))
             self.regions.append((gfn << 12, n << 12))
         self.map_gen = part.map_gen
-        self.uc.ctl_flush_tb()
+        self._flush()
         self.code_check = None
         return True
+
+    def _flush(self):
+        """Drop all translations, and the TLB with them: a translation flush
+        alone, with TLB entries kept, left the kernel's decompressor running
+        on corrupt state (tests/hvsim/unicorn/README.md)."""
+        self.uc.ctl_flush_tb()
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     def gpa_read(self, gpa, n):
         """Read child GPA bytes through the partition map (None if unmapped)."""
@@ -419,9 +427,11 @@ class Engine:
         if self.sync_maps() or self.loaded is None:
             pass
         elif self.code_check is not None:
-            page, data = self.code_check
+            lin, page, data = self.code_check
             if self.gpa_read(page, 4096) != data:
-                self.uc.ctl_flush_tb()      # the root rewrote the code the VP stopped in
+                # the page the VP stopped in changed (the guest's own stores
+                # there were already handled): drop its translations
+                self.uc.ctl_remove_cache(lin, lin + 4096)
         self.load(st)
         self._refresh_pg(st)
         if self._event is not None:
@@ -442,7 +452,7 @@ class Engine:
         g = self.translate(lin & ~0xFFF)
         if g is not None:
             data = self.gpa_read(g & ~0xFFF, 4096)
-            self.code_check = (g & ~0xFFF, data) if data else None
+            self.code_check = (lin & ~0xFFF, g & ~0xFFF, data) if data else None
         else:
             self.code_check = None
 
