@@ -242,6 +242,18 @@ def test_reference_counter_and_tsc_page(root):
     assert S.hv_reference_tsc_page.from_bytes(root.gread(pid, 0x21000, 4096)).tsc_sequence == pg.tsc_sequence + 1
 
 
+def test_tsc_register_is_the_guest_tsc(root):
+    pid = new_guest(root, ram_pages=0)
+    clock = root.hv.platform.clock
+    a = clock.tsc()
+    v = root.get_regs(pid, 0, [R.HV_X64_REGISTER_TSC])[0]
+    b = clock.tsc()
+    assert a <= v <= b
+    time.sleep(0.01)
+    w = root.get_regs(pid, 0, [R.HV_X64_REGISTER_TSC])[0]
+    assert 0.009 * root.hv.tsc_hz <= w - v <= 0.2 * root.hv.tsc_hz
+
+
 # ================================================================ synthetic timers
 CFG = S.hv_stimer_config
 

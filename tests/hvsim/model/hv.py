@@ -1093,7 +1093,7 @@ class Hypervisor:
         if name == _r("HV_REGISTER_VP_ROOT_SIGNAL_COUNT"):
             return vp.signal_count
         if name == _r("HV_X64_REGISTER_TSC"):
-            return int(time.monotonic() * 2_000_000_000)
+            return self.platform.clock.tsc()       # the guest's TSC (platform.Clock)
         return vp.other.get(name, 0)
 
     def set_reg(self, vp, name, value):
