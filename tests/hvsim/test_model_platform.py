@@ -637,6 +637,47 @@ def test_unadvertised_msr_faults_the_guest(root):
     assert m.exception_vector == 13 and m.error_code == 0 and m.header.rip == 0x3005    # at the RDMSR
 
 
+def test_apic_msrs_fault_without_interrupt_control(root):
+    # mov ecx, HV_X64_MSR_EOI; xor eax, eax; xor edx, edx; wrmsr; hlt
+    pid = new_guest(root, CH_FEATURES & ~feat("ACCESS_INTR_CTRL_REGS"))
+    assert not cpuid(root, pid, S.HYPERV_CPUID_ENLIGHTMENT_INFO)[0] & S.HV_X64_APIC_ACCESS_RECOMMENDED
+    code = b"\xB9" + struct.pack("<I", S.HV_X64_MSR_EOI) + b"\x31\xC0\x31\xD2\x0F\x30\xF4"
+    assert root.st(S.HVCALL_INSTALL_INTERCEPT, S.hv_input_install_intercept(
+        partition_id=pid, access_type=S.HV_INTERCEPT_ACCESS_MASK_EXECUTE,
+        intercept_type=S.HV_INTERCEPT_TYPE_EXCEPTION, intercept_parameter=13)) == S.HV_STATUS_SUCCESS
+    msg = long_mode(root, pid, code)
+    run_until_intercept(root, pid)
+    mtype, payload = root.message(msg)
+    assert mtype == S.HVMSG_X64_EXCEPTION_INTERCEPT
+    m = S.hv_x64_exception_intercept_message.from_bytes(payload)
+    assert m.exception_vector == 13 and m.header.rip == 0x3009
+
+
+def test_halted_vp_is_signalled_when_its_timer_expires(root):
+    """Root scheduler: DispatchVp returns BLOCKED for sti; hlt; the synthetic
+    timer's expiry posts VP_SIGNAL_PAIR to the dispatching CPU, and the next
+    DispatchVp delivers the interrupt."""
+    pid = new_guest(root, CH_FEATURES)
+    msg = long_mode(root, pid, b"\xFB\xF4\xE6\x80\xF4", handlers=[(0x42, counting_handler(1))])
+    wr(root, pid, S.HV_X64_MSR_STIMER0_CONFIG, cfg(direct_mode=1, apic_vector=0x42, auto_enable=1))
+    wr(root, pid, S.HV_X64_MSR_STIMER0_COUNT, rd(root, pid, S.HV_X64_MSR_TIME_REF_COUNT) + 50000)
+    while root.take_message(1):
+        pass
+    root.notified.clear()
+    assert root.dispatch(pid, 0)[0] == S.HV_VP_DISPATCH_STATE_BLOCKED    # halted, the timer still armed
+    st = root.st(S.HVCALL_DISPATCH_VP, S.hv_input_dispatch_vp(partition_id=pid, vp_index=0), cpu=1)
+    assert st == S.HV_STATUS_SUCCESS and root.out(S.hv_output_dispatch_vp).dispatch_state == \
+        S.HV_VP_DISPATCH_STATE_BLOCKED
+    wait_for(lambda: 1 in root.notified)
+    mtype, payload, _ = root.take_message(1)
+    assert mtype == S.HVMSG_SCHEDULER_VP_SIGNAL_PAIR
+    m = S.hv_vp_signal_pair_scheduler_message.from_bytes(payload)
+    assert (m.vp_count, m.partition_ids[0], m.vp_indexes[0]) == (1, pid, 0)
+    assert root.dispatch(pid, 0) == READY_INTERCEPT
+    assert root.message(msg)[0] == S.HVMSG_X64_IO_PORT_INTERCEPT
+    assert struct.unpack("<I", root.gread(pid, 0x6004, 4))[0] == 1
+
+
 def test_vmcall_without_hypercall_page_is_ud(root):
     pid = new_guest(root, CH_FEATURES)
     assert root.st(S.HVCALL_INSTALL_INTERCEPT, S.hv_input_install_intercept(
@@ -734,11 +775,12 @@ def test_guest_program_uses_the_platform(root):
     pid, msg, t0 = run_program(root, through_page=True)
     mtype, payload = root.message(msg)
     if mtype != S.HVMSG_X64_IO_PORT_INTERCEPT and vpo(root, pid).cpu.rip == 0x20000:
-        # Unicorn 2.1.4 as used by the current engine (cpu.py): a code hook that
-        # completes VMCALL by moving RIP does not skip it; RIP becomes garbage
-        # (0xf1f2...) and the run ends in an exception at the VMCALL. The new
-        # engine must emulate it; until then the rest is checked below.
-        pytest.xfail("current engine cannot complete VMCALL (cpu.py); see test_guest_program_without_the_call")
+        # Unicorn 2.1.4 reports VMCALL's length as 0xf1f1f1f1 to the code hook,
+        # and the current engine (cpu.py) moves RIP by it after the model
+        # completed the call: the run ends in an exception at the VMCALL. With
+        # the length decoded (3 + prefixes) the whole program passes.
+        pytest.xfail("current engine: VMCALL length from Unicorn's hook is bogus (cpu.py _vmcall); "
+                     "see test_guest_program_without_the_call")
     check_program(root, pid, msg, t0, through_page=True)
 
 
