@@ -209,6 +209,24 @@ def test_hypercall_page(root):
     assert rd(root, pid, S.HV_X64_MSR_HYPERCALL) == 0x20003
 
 
+def test_vmm_reaches_the_synthetic_msrs_as_registers(root):
+    pid = new_guest(root, CH_FEATURES)
+    ok = S.HV_STATUS_SUCCESS
+    assert root.set_regs(pid, 0, [(R.HV_REGISTER_GUEST_OS_ID, 0x8100000000060C00),
+                                  (R.HV_X64_REGISTER_HYPERCALL, 0x20001)])[0] == ok
+    assert rd(root, pid, S.HV_X64_MSR_HYPERCALL) == 0x20001                  # the guest sees it
+    assert root.gread(pid, 0x20000, 3) == bytes.fromhex("0f01c1")
+    wr(root, pid, S.HV_X64_MSR_STIMER1_CONFIG, cfg(direct_mode=1, apic_vector=0x42))
+    wr(root, pid, S.HV_X64_MSR_SINT5, 0x55)
+    got = root.get_regs(pid, 0, [R.HV_REGISTER_STIMER1_CONFIG, R.HV_REGISTER_SINT5, R.HV_REGISTER_SVERSION,
+                                 R.HV_REGISTER_TIME_REF_COUNT])
+    assert got[:3] == [cfg(direct_mode=1, apic_vector=0x42), 0x55, S.HV_SYNIC_VERSION_1] and got[3] > 0
+    assert root.set_regs(pid, 0, [(R.HV_REGISTER_STIMER0_CONFIG, 1 << 13)])[0] == S.HV_STATUS_INVALID_PARAMETER
+    assert root.set_regs(pid, 0, [(R.HV_REGISTER_TIME_REF_COUNT, 5)])[0] == S.HV_STATUS_INVALID_PARAMETER
+    assert root.set_regs(pid, 0, [(R.HV_REGISTER_SINT0, 0x10000)])[0] == ok
+    assert rd(root, pid, S.HV_X64_MSR_SINT0) == 0x10000
+
+
 # ================================================================ time
 def test_reference_counter_and_tsc_page(root):
     pid = new_guest(root, CH_FEATURES)
@@ -236,7 +254,8 @@ def test_reference_counter_and_tsc_page(root):
     for _ in range(3):
         m0 = rd(root, pid, S.HV_X64_MSR_TIME_REF_COUNT)
         t = page_time(host())
-        assert abs(t - m0) < 10000, (t, m0)
+        m1 = rd(root, pid, S.HV_X64_MSR_TIME_REF_COUNT)
+        assert m0 - 10000 <= t <= m1 + 10000, (m0, t, m1)
     # re-enabling bumps the sequence
     wr(root, pid, S.HV_X64_MSR_REFERENCE_TSC, 0x21001)
     assert S.hv_reference_tsc_page.from_bytes(root.gread(pid, 0x21000, 4096)).tsc_sequence == pg.tsc_sequence + 1
@@ -396,11 +415,11 @@ def test_lapic_timer_one_shot(root):
     hz = root.hv.apic_hz
     apic_w(root, pid, A.APIC_TIMER_DCR, 0xB)                    # divide by 1
     apic_w(root, pid, A.APIC_LVT_TIMER, 0x60)                    # one-shot, vector 0x60
-    apic_w(root, pid, A.APIC_TIMER_ICR, hz // 100)               # 10 ms
+    apic_w(root, pid, A.APIC_TIMER_ICR, hz // 10)                # 100 ms
     c1 = apic_r(root, pid, A.APIC_TIMER_CCR)
     time.sleep(0.002)
     c2 = apic_r(root, pid, A.APIC_TIMER_CCR)
-    assert hz // 100 >= c1 > c2 > 0
+    assert hz // 10 >= c1 > c2 > 0
     assert 0x60 not in vp.apic.vectors()
     wait_for(lambda: 0x60 in vp.apic.vectors())
     assert apic_r(root, pid, A.APIC_TIMER_CCR) == 0 and vp.apic.timer_fired == 1
@@ -409,10 +428,14 @@ def test_lapic_timer_one_shot(root):
     # the divider: /2 halves the count rate
     apic_w(root, pid, A.APIC_TIMER_DCR, 0x0)
     assert vp.apic.timer_divisor() == 2
+    t0 = time.monotonic()
     apic_w(root, pid, A.APIC_TIMER_ICR, hz)                      # 2 s at /2
+    t1 = time.monotonic()
     time.sleep(0.01)
+    t2 = time.monotonic()
     done = hz - apic_r(root, pid, A.APIC_TIMER_CCR)
-    assert hz // 200 * 0.9 <= done <= hz // 100, done           # ~10 ms at half rate
+    t3 = time.monotonic()
+    assert (t2 - t1) * hz / 2 * 0.99 <= done <= (t3 - t0) * hz / 2 * 1.01 + 1, done     # half rate
     apic_w(root, pid, A.APIC_TIMER_ICR, 0)                       # a zero count stops it
     assert apic_r(root, pid, A.APIC_TIMER_CCR) == 0 and root.hv.platform.timers.pending() == 0
 
@@ -660,7 +683,7 @@ def test_halted_vp_is_signalled_when_its_timer_expires(root):
     pid = new_guest(root, CH_FEATURES)
     msg = long_mode(root, pid, b"\xFB\xF4\xE6\x80\xF4", handlers=[(0x42, counting_handler(1))])
     wr(root, pid, S.HV_X64_MSR_STIMER0_CONFIG, cfg(direct_mode=1, apic_vector=0x42, auto_enable=1))
-    wr(root, pid, S.HV_X64_MSR_STIMER0_COUNT, rd(root, pid, S.HV_X64_MSR_TIME_REF_COUNT) + 50000)
+    wr(root, pid, S.HV_X64_MSR_STIMER0_COUNT, rd(root, pid, S.HV_X64_MSR_TIME_REF_COUNT) + 3000000)   # 0.3 s
     while root.take_message(1):
         pass
     root.notified.clear()
@@ -754,7 +777,8 @@ def check_program(root, pid, msg, t0, through_page):
     t_page1, t_msr1, t_page2, status = struct.unpack_from("<QQQQ", res, 0x28)
     if through_page:
         assert status == S.HV_STATUS_SUCCESS                              # the hypercall through the page
-    assert abs(t_page1 - t_msr1) < 10000                                  # page and MSR agree (1 ms)
+    # page and MSR agree: the MSR was read after the page (1 ms for the calibration)
+    assert t_page1 - 10000 <= t_msr1 <= t_page2
     assert t_page2 - t_page1 >= 30000                                     # the LAPIC timer waited >= 3 ms
     assert t_page2 - t_page1 <= (time.monotonic() - t0) * 1e7 + 10000
     ipi, stimer, lapic = struct.unpack("<3I", root.gread(pid, 0x6000, 12))

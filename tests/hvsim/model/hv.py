@@ -1094,6 +1094,9 @@ class Hypervisor:
             return vp.signal_count
         if name == _r("HV_X64_REGISTER_TSC"):
             return self.platform.clock.tsc()       # the guest's TSC (platform.Clock)
+        v = self.platform.get_register(vp, name)  # the guest platform's synthetic MSRs
+        if v is not None:
+            return v
         return vp.other.get(name, 0)
 
     def set_reg(self, vp, name, value):
@@ -1134,6 +1137,8 @@ class Hypervisor:
         elif name in (_r("HV_REGISTER_EXPLICIT_SUSPEND"), _r("HV_REGISTER_INTERCEPT_SUSPEND"),
                       _r("HV_REGISTER_DISPATCH_SUSPEND")):
             vp.other[name] = value & 1
+        elif self.platform.set_register(vp, name, value):
+            pass                                    # the guest platform's synthetic MSRs
         else:
             vp.other[name] = value & ((1 << 128) - 1)
             if name == _r("HV_X64_REGISTER_INITIAL_APIC_ID"):

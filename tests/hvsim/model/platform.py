@@ -431,12 +431,49 @@ class GuestPlatform:
         return SYNTHETIC_MSR_FIRST <= msr <= SYNTHETIC_MSR_LAST or \
             (msr == MSR_IA32_TSC_DEADLINE and self.tsc_deadline)
 
-    def msr_locked(self, vp, msr, write, value):
+    # hv register names that are these MSRs (Get/SetVpRegisters by the VMM)
+    REGISTER_MSRS = {
+        S.HV_REGISTER_GUEST_OS_ID: S.HV_X64_MSR_GUEST_OS_ID, S.HV_X64_REGISTER_HYPERCALL: S.HV_X64_MSR_HYPERCALL,
+        S.HV_REGISTER_REFERENCE_TSC: S.HV_X64_MSR_REFERENCE_TSC,
+        S.HV_REGISTER_VP_ASSIST_PAGE: S.HV_X64_MSR_VP_ASSIST_PAGE,
+        S.HV_REGISTER_TIME_REF_COUNT: S.HV_X64_MSR_TIME_REF_COUNT, S.HV_REGISTER_VP_RUNTIME: S.HV_X64_MSR_VP_RUNTIME,
+        S.HV_REGISTER_SCONTROL: S.HV_X64_MSR_SCONTROL, S.HV_REGISTER_SVERSION: S.HV_X64_MSR_SVERSION,
+        S.HV_REGISTER_SIEFP: S.HV_X64_MSR_SIEFP, S.HV_REGISTER_SIMP: S.HV_X64_MSR_SIMP,
+        S.HV_REGISTER_EOM: S.HV_X64_MSR_EOM,
+    }
+    REGISTER_MSRS.update({S.HV_REGISTER_SINT0 + k: S.HV_X64_MSR_SINT0 + k for k in range(SINT_COUNT)})
+    REGISTER_MSRS.update({S.HV_REGISTER_STIMER0_CONFIG + k: S.HV_X64_MSR_STIMER0_CONFIG + k
+                          for k in range(2 * STIMER_COUNT)})
+
+    def get_register(self, vp, name):
+        """GetVpRegisters of a synthetic-MSR register (lock held): its value,
+        or None when `name` is not one."""
+        msr = self.REGISTER_MSRS.get(name)
+        if msr is None:
+            return None
+        verdict, v = self.msr_locked(vp, msr, False, 0, vmm=True)
+        return v if verdict == "emulate" else 0
+
+    def set_register(self, vp, name, value):
+        """SetVpRegisters of a synthetic-MSR register (lock held): True when
+        handled. A value the guest's WRMSR would fault on, or a read-only
+        register, raises HvError(INVALID_PARAMETER)."""
+        msr = self.REGISTER_MSRS.get(name)
+        if msr is None:
+            return False
+        verdict, _ = self.msr_locked(vp, msr, True, value & U64, vmm=True)
+        if verdict != "emulate":
+            from .hv import HvError
+            raise HvError(S.HV_STATUS_INVALID_PARAMETER)
+        return True
+
+    def msr_locked(self, vp, msr, write, value, vmm=False):
         """A guest RDMSR/WRMSR of a synthetic MSR (or IA32_TSC_DEADLINE).
-        Returns ("emulate", value or None) or the #GP verdict."""
+        Returns ("emulate", value or None) or the #GP verdict. `vmm`: the
+        VMM's Get/SetVpRegisters, which needs no guest privilege."""
         p = vp.part
         ps, vs = self.part(p), self.vps(vp)
-        priv = self.privileges(p)
+        priv = U64 if vmm else self.privileges(p)
 
         def need(bit):
             return bool(priv & bit)
