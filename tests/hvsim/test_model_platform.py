@@ -479,6 +479,17 @@ def test_lapic_tsc_deadline(root):
     assert root.hv.platform.timers.pending() == 0
 
 
+def test_tsc_deadline_absent_when_the_vmm_hides_it(root):
+    pid = new_guest(root, ram_pages=0)
+    inp = S.hv_input_register_intercept_result(partition_id=pid, vp_index=0xFFFFFFFF,
+                                               intercept_type=S.HV_INTERCEPT_TYPE_X64_CPUID)
+    inp.parameters.input_eax, inp.parameters.ecx, inp.parameters.ecx_mask = 1, 0, 1 << 24
+    assert root.st(S.HVCALL_REGISTER_INTERCEPT_RESULT, inp) == S.HV_STATUS_SUCCESS
+    assert not cpuid(root, pid, 1)[2] & (1 << 24)
+    assert is_gp(msr(root, pid, PL.MSR_IA32_TSC_DEADLINE))
+    assert is_gp(msr(root, pid, PL.MSR_IA32_TSC_DEADLINE, 5))
+
+
 def test_timers_stop_when_the_vp_goes(root):
     pid = new_guest(root)
     wr(root, pid, S.HV_X64_MSR_STIMER0_CONFIG, cfg(direct_mode=1, apic_vector=0x42, auto_enable=1))

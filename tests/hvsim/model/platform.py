@@ -479,6 +479,8 @@ class GuestPlatform:
             return bool(priv & bit)
 
         if msr == MSR_IA32_TSC_DEADLINE:
+            if not self.hv.cpuid_value(vp, 1, 0)[2] & CPUID1_ECX_TSC_DEADLINE:
+                return GP                               # not advertised (e.g. the VMM's CPUID.1 override)
             if write:
                 vp.apic.timer_write_tsc_deadline(value)
                 return "emulate", None
