@@ -383,6 +383,25 @@ def test_stimer_messages_wait_for_a_free_slot_and_eom(root):
     wr(root, pid, S.HV_X64_MSR_STIMER1_CONFIG, 0)
 
 
+def test_auto_eoi_sint_skips_the_isr(root):
+    pid = new_guest(root, CH_FEATURES)
+    a = vpo(root, pid).apic
+    synic_on(root, pid, vector=0x51)
+    wr(root, pid, S.HV_X64_MSR_SINT0 + SINT, 0x51 | (1 << 17))             # AutoEOI
+    wr(root, pid, S.HV_X64_MSR_STIMER0_CONFIG, cfg(sintx=SINT, auto_enable=1))
+    wr(root, pid, S.HV_X64_MSR_STIMER0_COUNT, 1)
+    wait_for(lambda: 0x51 in a.vectors(), 1)
+    a.take(0x51)
+    assert not a.isr and not a.irr
+    a.accept(0x52, False)
+    a.take(0x52)                                                           # an ordinary vector: ISR
+    assert a.vectors("isr") == {0x52}
+    wr(root, pid, S.HV_X64_MSR_SINT0 + SINT, 0x51)                         # AutoEOI off again
+    a.accept(0x51, False)
+    a.take(0x51)
+    assert a.vectors("isr") == {0x51, 0x52}
+
+
 def test_masked_sint_holds_the_message(root):
     pid = new_guest(root, CH_FEATURES)
     vp = vpo(root, pid)

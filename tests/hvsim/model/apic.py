@@ -94,6 +94,7 @@ class LocalApic:
         self.halted = False       # HLT with IF=1 executed, waiting for an interrupt
         self.timer_host = None    # platform.py: apic_hz, now_ns(), tsc_to_ns(), arm(deadline_ns|None)
         self.timer_fired = 0      # timer expirations (for tests and reports)
+        self.auto_eoi = 0         # vectors taken without entering ISR (SynIC SINTs with AutoEOI)
         self.reset()
 
     def reset(self):
@@ -164,10 +165,11 @@ class LocalApic:
         self.tmr = (self.tmr | bit) if level else (self.tmr & ~bit)
 
     def take(self, vector):
-        """The CPU acknowledges `vector`: IRR -> ISR."""
+        """The CPU acknowledges `vector`: IRR -> ISR (not for an AutoEOI vector)."""
         bit = 1 << vector
         self.irr &= ~bit
-        self.isr |= bit
+        if not self.auto_eoi & bit:
+            self.isr |= bit
 
     def eoi(self):
         """EOI: clear the highest ISR bit. Returns (vector, level) or None."""

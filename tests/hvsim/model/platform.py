@@ -673,8 +673,18 @@ class GuestPlatform:
             if _bits(Sn, "value", "as_intercept", value) or _bits(Sn, "value", "proxy", value):
                 return GP                               # root-only bits
             vs.sint[k] = value
+            self._auto_eoi(vp, vs)
         self.deliver_all_locked(vp)
         return "emulate", None
+
+    def _auto_eoi(self, vp, vs):
+        """The vectors of unmasked AutoEOI SINTs skip the ISR (apic.take)."""
+        Sn = S.hv_synic_sint
+        m = 0
+        for v in vs.sint:
+            if _bits(Sn, "value", "auto_eoi", v) and not _bits(Sn, "value", "masked", v):
+                m |= 1 << _bits(Sn, "value", "vector", v)
+        vp.apic.auto_eoi = m
 
     def _synic_on(self, vs):
         return bool(_bits(S.hv_synic_scontrol, "value", "enable", vs.scontrol)) and \
