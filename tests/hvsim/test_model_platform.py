@@ -6,13 +6,12 @@ guest hypercalls, and a long-mode guest program that uses all of them."""
 import os
 import struct
 import sys
-import threading
 import time
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model.testkit import Root, S, seg_pack, table_pack  # noqa: E402
+from model.testkit import S, seg_pack, table_pack  # noqa: E402
 from model.spec import make_control, result_status, result_reps  # noqa: E402
 from model import apic as A  # noqa: E402
 from model import platform as PL  # noqa: E402
@@ -21,7 +20,6 @@ from model_fixtures import root, core  # noqa: E402,F401 (pytest fixtures)
 R = S
 F = S.ENUMS["hv_partition_synthetic_proc_feature"]
 CH_FEATURES = PL.DEFAULT_SYNTHETIC_FEATURES       # what Cloud Hypervisor / mshv-ioctls assign
-PRIV = {k: v for k, v in vars(S).items() if k.startswith("HV_PARTITION_PRIVILEGE_")}
 
 
 def feat(*names):
@@ -112,7 +110,7 @@ def test_cpuid_leaves_follow_the_vmm_features(root):
     assert hints & S.HV_X64_APIC_ACCESS_RECOMMENDED and hints & S.HV_DEPRECATING_AEOI_RECOMMENDED
     assert not hints & S.HV_X64_EX_PROCESSOR_MASKS_RECOMMENDED and spin == 0xFFFFFFFF
     assert cpuid(root, pid, S.HYPERV_CPUID_IMPLEMENT_LIMITS)[:2] == (256, root.hv.ncpus)
-    assert cpuid(root, pid, 0x40000006)[0] & S.HV_X64_SLAT_IN_USE
+    assert cpuid(root, pid, S.HYPERV_CPUID_HARDWARE_FEATURES)[0] & S.HV_X64_SLAT_IN_USE
     assert cpuid(root, pid, 0x4000000B) == (0, 0, 0, 0)
 
 

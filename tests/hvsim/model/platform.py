@@ -43,8 +43,7 @@ VMCALL, VMMCALL, RET, INT3 = b"\x0F\x01\xC1", b"\x0F\x01\xD9", b"\xC3", b"\xCC"
 CR0_PE = 1
 
 SYNTHETIC_MSR_FIRST, SYNTHETIC_MSR_LAST = 0x40000000, 0x400001FF
-HV_CPUID_MAX_LEAF = 0x4000000A
-HV_CPUID_FIRST = S.HYPERV_CPUID_VENDOR_AND_MAX_FUNCTIONS
+HV_CPUID_MAX_LEAF = S.HYPERV_CPUID_NESTED_FEATURES       # 0x40000007-0x4000000A read as 0
 HV_VENDOR = struct.unpack("<3I", b"Microsoft Hv")
 # what 0x40000002 reports: build, major.minor (10.0), service pack 0, branch/number 0
 HV_BUILD, HV_VERSION = 26100, (10 << 16) | 0
@@ -92,7 +91,6 @@ _PRIV = {
     "ACCESS_FREQUENCY_REGS": S.HV_PARTITION_PRIVILEGE_ACCESS_FREQUENCY_REGS,
     "SIGNAL_EVENTS": S.HV_PARTITION_PRIVILEGE_SIGNAL_EVENTS,
 }
-P = S  # privilege names are long; S.HV_PARTITION_PRIVILEGE_* below
 
 
 def fault(vector, error_code=None):
@@ -422,7 +420,7 @@ class GuestPlatform:
         if leaf == S.HYPERV_CPUID_IMPLEMENT_LIMITS:
             from .hv import MAX_VPS
             return (MAX_VPS, self.hv.ncpus, 0, 0)
-        if leaf == S.HYPERV_CPUID_IMPLEMENT_LIMITS + 1:        # 0x40000006: hardware features in use
+        if leaf == S.HYPERV_CPUID_HARDWARE_FEATURES:
             return (S.HV_X64_MSR_BITMAPS_IN_USE | S.HV_X64_SLAT_IN_USE, 0, 0, 0)
         return (0, 0, 0, 0)
 
@@ -486,7 +484,7 @@ class GuestPlatform:
                 return "emulate", None
             return "emulate", vp.apic.tsc_deadline
         if msr in (S.HV_X64_MSR_GUEST_OS_ID, S.HV_X64_MSR_HYPERCALL):
-            if not need(P.HV_PARTITION_PRIVILEGE_ACCESS_HYPERCALL_MSRS):
+            if not need(S.HV_PARTITION_PRIVILEGE_ACCESS_HYPERCALL_MSRS):
                 return GP
             if msr == S.HV_X64_MSR_GUEST_OS_ID:
                 if not write:
@@ -499,39 +497,39 @@ class GuestPlatform:
                 return "emulate", ps.hypercall
             return self._write_hypercall(vp, ps, value)
         if msr == S.HV_X64_MSR_VP_INDEX:
-            if not need(P.HV_PARTITION_PRIVILEGE_ACCESS_VP_INDEX) or write:
+            if not need(S.HV_PARTITION_PRIVILEGE_ACCESS_VP_INDEX) or write:
                 return GP
             return "emulate", vp.index
         if msr == S.HV_X64_MSR_VP_RUNTIME:
-            if not need(P.HV_PARTITION_PRIVILEGE_ACCESS_VP_RUNTIME_REG) or write:
+            if not need(S.HV_PARTITION_PRIVILEGE_ACCESS_VP_RUNTIME_REG) or write:
                 return GP
             return "emulate", max(0, (self.clock.now_ns() - vs.created_ns) // 100)
         if msr == S.HV_X64_MSR_TIME_REF_COUNT:
-            if not need(P.HV_PARTITION_PRIVILEGE_ACCESS_PARTITION_REFERENCE_COUNTER) or write:
+            if not need(S.HV_PARTITION_PRIVILEGE_ACCESS_PARTITION_REFERENCE_COUNTER) or write:
                 return GP
             return "emulate", self.ref_time(p)
         if msr == S.HV_X64_MSR_REFERENCE_TSC:
-            if not need(P.HV_PARTITION_PRIVILEGE_ACCESS_PARTITION_REFERENCE_TSC):
+            if not need(S.HV_PARTITION_PRIVILEGE_ACCESS_PARTITION_REFERENCE_TSC):
                 return GP
             if not write:
                 return "emulate", ps.ref_tsc
             return self._write_ref_tsc(vp, ps, value)
         if msr in (S.HV_X64_MSR_TSC_FREQUENCY, S.HV_X64_MSR_APIC_FREQUENCY):
-            if not need(P.HV_PARTITION_PRIVILEGE_ACCESS_FREQUENCY_REGS) or write:
+            if not need(S.HV_PARTITION_PRIVILEGE_ACCESS_FREQUENCY_REGS) or write:
                 return GP
             return "emulate", self.clock.hz if msr == S.HV_X64_MSR_TSC_FREQUENCY else self.apic_hz
         if msr == S.HV_X64_MSR_VP_ASSIST_PAGE:
-            if not need(P.HV_PARTITION_PRIVILEGE_ACCESS_INTR_CTRL_REGS):
+            if not need(S.HV_PARTITION_PRIVILEGE_ACCESS_INTR_CTRL_REGS):
                 return GP
             if not write:
                 return "emulate", vs.assist
             return self._write_assist(vp, vs, value)
         if S.HV_X64_MSR_SCONTROL <= msr <= S.HV_X64_MSR_SINT15 and msr != S.HV_X64_MSR_SIRBP:
-            if not need(P.HV_PARTITION_PRIVILEGE_ACCESS_SYNIC_REGS):
+            if not need(S.HV_PARTITION_PRIVILEGE_ACCESS_SYNIC_REGS):
                 return GP
             return self._synic_msr(vp, vs, msr, write, value)
         if S.HV_X64_MSR_STIMER0_CONFIG <= msr <= S.HV_X64_MSR_STIMER3_COUNT:
-            if not need(P.HV_PARTITION_PRIVILEGE_ACCESS_SYNTHETIC_TIMER_REGS):
+            if not need(S.HV_PARTITION_PRIVILEGE_ACCESS_SYNTHETIC_TIMER_REGS):
                 return GP
             return self._stimer_msr(vp, vs, msr, write, value)
         return GP       # not advertised (RESET, GUEST_IDLE, CRASH, SIRBP, ...) or not a synthetic MSR
