@@ -23,7 +23,7 @@ import time
 from . import spec
 from . import apic as A
 from . import platform as platform_mod
-from .apic import LocalApic, DeliveryError, deliver as apic_deliver, MIN_VECTOR, RF_IF, NMI_VECTOR
+from .apic import LocalApic, MIN_VECTOR, RF_IF, NMI_VECTOR
 from .platform import GuestPlatform, DEFAULT_SYNTHETIC_FEATURES
 from .spec import S
 
@@ -1181,6 +1181,7 @@ class Hypervisor:
                 return S.HV_STATUS_INVALID_VP_STATE
             if a.name == _r("HV_REGISTER_EXPLICIT_SUSPEND") and a.value.low & 1 and vp.running:
                 vp.stop_req = True
+                self._kick(vp)
                 self._wait_stopped(vp)
             self.set_reg(vp, a.name, a.value.low | (a.value.high << 64))
         self._sync_reg_page_out(vp)
@@ -1441,6 +1442,7 @@ class Hypervisor:
             return
         self._log("  vp %x/%d apic: mode %d vector 0x%x%s" % (vp.part.id, vp.index, mode, vector,
                                                               " level" if level else ""))
+        self._kick(vp)                        # a running VP re-checks what it can take
         if self.scheduler == "root":
             if was_blocked and not a.blocked():
                 # the driver kicks its dispatch thread. Also while a DispatchVp is
@@ -1888,6 +1890,7 @@ class Hypervisor:
             vp = self._dispatching.get(cpu)
             if vp is not None:
                 vp.root_irq = True      # the CPU has an interrupt: its DispatchVp returns
+                self._kick(vp)
             return
 
     def eom(self, cpu):
@@ -1920,6 +1923,14 @@ class Hypervisor:
         self._deliver(cpu, S.HV_SYNIC_INTERCEPTION_SINT_INDEX)
 
     # ================================================================ running VPs
+    @staticmethod
+    def _kick(vp):
+        """Make a running VP's engine re-check its stop and interrupt state
+        soon (any thread; a no-op for a VP without an engine)."""
+        eng = vp.engine
+        if eng is not None:
+            eng.kick()
+
     def _engine(self, vp):
         if vp.engine is None:
             from .cpu import Engine
@@ -1950,7 +1961,7 @@ class Hypervisor:
                         return "exit", None
                 if msr in (S.HV_X64_MSR_EOI, S.HV_X64_MSR_ICR, S.HV_X64_MSR_TPR):
                     if not self.platform.has(p, S.HV_PARTITION_PRIVILEGE_ACCESS_INTR_CTRL_REGS):
-                        return self._guest_fault(vp, platform_mod.GP)
+                        return platform_mod.GP          # not advertised: #GP in the guest
                     with self._lock:        # the synthetic aliases of the APIC's EOI, ICR and TPR
                         res = self._apic_msr(vp, msr, kw["write"], kw["value"])
                     self._flush_notify()
@@ -1959,9 +1970,7 @@ class Hypervisor:
                     with self._lock:        # synthetic MSRs and IA32_TSC_DEADLINE (platform.py)
                         res = self.platform.msr_locked(vp, msr, kw["write"], kw["value"])
                     self._flush_notify()
-                    if res[0] == "exception":
-                        return self._guest_fault(vp, res)
-                    return res
+                    return res                      # ("emulate", value) or the #GP verdict
                 if A.X2APIC_MSR_BASE <= msr <= A.X2APIC_MSR_LAST:
                     with self._lock:
                         res = self._apic_msr(vp, msr, kw["write"], kw["value"])
@@ -1975,19 +1984,6 @@ class Hypervisor:
                 return res
             return "emulate", None
         return decide
-
-    def _guest_fault(self, vp, verdict):
-        """An exception verdict for an MSR access. An engine that delivers
-        exceptions from decide("msr") sets `msr_exceptions`; with the current
-        engine the exception ends the run as an exception exit (intercepted
-        if the VMM installed an exception intercept, else unrecoverable)."""
-        eng = vp.engine
-        if getattr(eng, "msr_exceptions", False):
-            return verdict
-        from .cpu import Exit
-        info = verdict[1]
-        eng._stop(Exit("exception", rip_lin=eng.cur, vector=info["vector"], error_code=info["error_code"]))
-        return "exit", None
 
     def _exec_state(self, st):
         H = S.hv_x64_intercept_message_header
@@ -2101,11 +2097,11 @@ class Hypervisor:
                         a.take(v)
         if v is not None:
             a.halted = False
-            try:
-                apic_deliver(self, vp.part, self._engine(vp), st, v)
-            except DeliveryError as e:
-                self._log("  vp %x/%d %s 0x%x not deliverable: %s" % (vp.part.id, vp.index, kind, v, e))
-                return Exit("unrecoverable", error="interrupt delivery: %s" % e)
+            # the CPU delivers it through the IVT/IDT at the next entry; a
+            # fault while delivering escalates as on hardware (a triple fault
+            # ends the run as an unrecoverable exception)
+            self._engine(vp).inject("nmi" if kind == "NMI" else "interrupt", v)
+            st.shadow_at = None
             a.delivered.append(v)
             self._log("  vp %x/%d %s 0x%x delivered" % (vp.part.id, vp.index, kind, v))
             return None
@@ -2347,6 +2343,7 @@ class Hypervisor:
     def _stop_vp(self, vp):
         if vp.running:
             vp.stop_req = True
+            self._kick(vp)
             self._wait_stopped(vp)
 
     def wait_idle(self, timeout=10):
@@ -2368,6 +2365,7 @@ class Hypervisor:
                 for vp in p.vps.values():
                     if vp.running:
                         vp.stop_req = True
+                        self._kick(vp)
             try:
                 for p in self.partitions.values():
                     for vp in p.vps.values():

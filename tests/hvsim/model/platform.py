@@ -21,10 +21,8 @@ numbers (CPUID.1 bits, the IA32_TSC_DEADLINE index, VMCALL/RET encodings,
 exception vectors) are written here.
 """
 
-import ctypes
 import heapq
 import itertools
-import mmap
 import struct
 import threading
 import time
@@ -105,82 +103,28 @@ UD = fault(VEC_UD)
 # ====================================================================== time
 class Clock:
     """The guest's time base. Model time is time.monotonic_ns(); the guest
-    TSC is linear in it: tsc(ns) = tsc0 + (ns - ns0) * hz / 1e9.
+    TSC is linear in it, exactly as the engine's virtual TSC (cpu.py,
+    Engine.tsc(); the patched Unicorn's RDTSC):
 
-    With Unicorn 2.1.4 as shipped, RDTSC in the guest returns the host's TSC,
-    so the clock is calibrated against it once per process (hz and the
-    anchor). An engine that provides its own TSC (RDTSC = monotonic_ns *
-    hz / 1e9 + offset) passes hz and offset instead: Clock(hz, offset=...)."""
+        tsc(ns) = ns * hz // 10**9 - hz * base_ns // 10**9
 
-    _host = None
+    where base_ns is the partition's `tsc_base_ns` (0 unless set)."""
 
-    def __init__(self, hz=None, offset=None):
-        if hz is None:
-            hz, ns0, tsc0 = self.host_calibration()
-        else:
-            ns0, tsc0 = 0, offset or 0
+    def __init__(self, hz):
         self.hz = int(hz)
-        self.ns0, self.tsc0 = ns0, tsc0
 
     @staticmethod
     def now_ns():
         return time.monotonic_ns()
 
-    def tsc(self, ns=None):
+    def tsc(self, ns=None, base_ns=0):
         ns = self.now_ns() if ns is None else ns
-        return (self.tsc0 + (ns - self.ns0) * self.hz // 1_000_000_000) & U64
+        return (ns * self.hz // 1_000_000_000 - self.hz * base_ns // 1_000_000_000) & U64
 
-    def ns_at_tsc(self, tsc):
-        return self.ns0 + (tsc - self.tsc0) * 1_000_000_000 // self.hz
-
-    @classmethod
-    def host_calibration(cls):
-        """(hz, ns0, tsc0) of the host TSC, which Unicorn's RDTSC returns."""
-        if cls._host is None:
-            rdtsc = _native_rdtsc()
-            samples = []
-            for _ in range(2):
-                best = None
-                for _ in range(50):
-                    t0 = time.monotonic_ns()
-                    v = rdtsc()
-                    t1 = time.monotonic_ns()
-                    if best is None or t1 - t0 < best[2]:
-                        best = ((t0 + t1) // 2, v, t1 - t0)
-                samples.append(best)
-                if len(samples) == 1:
-                    time.sleep(0.05)
-            (n0, v0, _), (n1, v1, _) = samples
-            hz = (v1 - v0) * 1_000_000_000 // (n1 - n0)
-            cls._host = (hz, n1, v1)
-        return cls._host
-
-
-def _native_rdtsc():
-    """A callable returning the host TSC: a 10-byte native stub when the host
-    allows executable anonymous memory, else Unicorn's RDTSC (slower, so a
-    less precise calibration)."""
-    code = bytes.fromhex("0f31" "48c1e220" "4809d0" "c3")   # rdtsc; shl rdx,32; or rax,rdx; ret
-    try:
-        buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-        buf.write(code)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        fn = ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)
-        fn._buf = buf
-        fn()
-        return fn
-    except (OSError, ValueError, TypeError):
-        pass
-    from unicorn import Uc, UC_ARCH_X86, UC_MODE_64
-    from unicorn import x86_const as X
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0x1000, 0x1000)
-    uc.mem_write(0x1000, bytes.fromhex("0f31"))
-
-    def fn():
-        uc.emu_start(0x1000, 0x1002)
-        return (uc.reg_read(X.UC_X86_REG_RDX) << 32) | (uc.reg_read(X.UC_X86_REG_RAX) & 0xFFFFFFFF)
-    return fn
+    def ns_at_tsc(self, tsc, base_ns=0):
+        """The first monotonic ns at which tsc(ns) >= `tsc`."""
+        t = tsc + self.hz * base_ns // 1_000_000_000
+        return -((-t * 1_000_000_000) // self.hz)
 
 
 class TimerThread:
@@ -304,10 +248,12 @@ class GuestPlatform:
 
     def __init__(self, hv, clock=None, apic_hz=200_000_000):
         self.hv = hv
-        self.clock = clock or Clock()
+        # the TSC runs at the processor clock frequency the root reports
+        self.clock = clock or Clock(hv.props_root[S.HV_PARTITION_PROPERTY_PROCESSOR_CLOCK_FREQUENCY])
         self.apic_hz = apic_hz
         self.timers = TimerThread()
         self.tsc_deadline = True         # CPUID.1:ECX[24] and IA32_TSC_DEADLINE
+        self._implemented = None
 
     def close(self):
         self.timers.close()
@@ -343,10 +289,23 @@ class GuestPlatform:
         vp.apic.timer_host = None
 
     # ------------------------------------------------------------ features
+    def implemented(self):
+        """IMPLEMENTED_FEATURES, less the TLB-flush hypercalls when the engine
+        cannot flush another VP's TLB (Engine.flush_tlb(), thread-safe): a
+        guest told to use them would stop sending flush IPIs and keep stale
+        translations on the other VPs."""
+        if self._implemented is None:
+            from .cpu import Engine
+            m = IMPLEMENTED_FEATURES
+            if not callable(getattr(Engine, "flush_tlb", None)):
+                m &= ~_f("TB_FLUSH_HYPERCALLS")
+            self._implemented = m
+        return self._implemented
+
     def features(self, p):
         """The synthetic processor features the guest is offered."""
         req = p.props.get(S.HV_PARTITION_PROPERTY_SYNTHETIC_PROC_FEATURES, DEFAULT_SYNTHETIC_FEATURES)
-        return req & IMPLEMENTED_FEATURES
+        return req & self.implemented()
 
     def privileges(self, p):
         """The partition privilege mask (CPUID 0x40000003 EAX | EBX << 32)."""
@@ -590,19 +549,28 @@ class GuestPlatform:
             if old is not None:
                 ps.hypercall_saved = (gfn, old)
                 self.gpa_write(p, gfn << 12, self.hypercall_page())
-        self._flush_code(p)
+        self._flush_code(p, vp)
 
     def hypercall_page(self):
         """The hypercall page: VMCALL (Intel, as CPUID leaf 0 says); RET; int3 fill."""
         code = VMCALL + RET
         return code + INT3 * (S.PAGE_SIZE - len(code))
 
-    def _flush_code(self, p):
-        """Guest code bytes changed under Unicorn: drop its translations."""
+    def _flush_code(self, p, caller=None):
+        """Guest code bytes changed under Unicorn: drop its translations. The
+        calling VP is stopped at its WRMSR exit (its own thread): flushed now;
+        a VP that is not running re-syncs its maps (and flushes) at its next
+        run. TODO(engine): a running VP on another thread is not flushed
+        (needs a thread-safe Engine.flush_tb()); a freshly allocated
+        hypercall page was never executed, so it has no stale translations."""
         for vp in p.vps.values():
             eng = vp.engine
-            if eng is not None and not vp.running:
-                eng.map_gen = -1                        # re-sync (and flush) at the next run
+            if eng is None:
+                continue
+            if vp is caller and hasattr(eng, "uc"):
+                eng.uc.ctl_flush_tb()
+            elif not vp.running:
+                eng.map_gen = -1
 
     def _write_ref_tsc(self, vp, ps, value):
         R = S.hv_x64_msr_reference_tsc_contents
@@ -614,10 +582,18 @@ class GuestPlatform:
             self.fill_tsc_page(vp.part, gfn)
         return "emulate", None
 
+    def tsc_base(self, p):
+        """The partition's TSC base (cpu.py: RDTSC counts from it)."""
+        return getattr(p, "tsc_base_ns", 0)
+
+    def guest_tsc(self, p, ns=None):
+        """What RDTSC returns in partition `p` at monotonic `ns`."""
+        return self.clock.tsc(ns, self.tsc_base(p))
+
     def tsc_page(self, p):
         """(scale, offset) with ref time = ((tsc * scale) >> 64) + offset."""
         scale = (10_000_000 << 64) // self.clock.hz
-        tsc_at_zero = self.clock.tsc(self.part(p).ref_ns0)
+        tsc_at_zero = self.guest_tsc(p, self.part(p).ref_ns0)
         offset = -((tsc_at_zero * scale) >> 64)
         return scale, offset
 
@@ -856,8 +832,7 @@ class GuestPlatform:
         p = vp.part
         ps = self.part(p)
         if cr0 is None:
-            pg = getattr(vp.engine, "_pg", None)
-            cr0 = pg[0] if pg else vp.cpu.cr0
+            cr0 = self._engine_cr0(vp)
         if not cr0 & CR0_PE or cpl != 0:
             return UD                                   # real mode or CPL > 0
         if not _bits(S.hv_x64_msr_hypercall_contents, "value", "enable", ps.hypercall):
@@ -941,6 +916,16 @@ class GuestPlatform:
                                           for k in range(start, reps)] if rep_size else [])
         return st, (reps if (form == "rep" and st == S.HV_STATUS_SUCCESS) else start)
 
+    @staticmethod
+    def _engine_cr0(vp):
+        """CR0 of a VP stopped at a VMCALL exit (decide() runs on its thread)."""
+        eng = vp.engine
+        uc = getattr(eng, "uc", None)
+        if uc is not None:
+            from unicorn import x86_const as X
+            return uc.reg_read(X.UC_X86_REG_CR0)
+        return vp.cpu.cr0
+
     def _vp_set(self, p, inp, bank):
         """VP indexes named by an Ex call's HV_VP_SET, or None when malformed."""
         if inp.format == S.HV_GENERIC_SET_ALL:
@@ -974,14 +959,10 @@ class GuestPlatform:
             targets = {i for i in range(64) if inp.processor_mask >> i & 1}
         if inp.flags & S.HV_FLUSH_ALL_PROCESSORS:
             targets = set(p.vps)
-        for i in targets:
+        for i in sorted(targets):
             t = p.vps.get(i)
             if t is not None and t.engine is not None:
-                fl = getattr(t.engine, "flush_tlb", None)
-                if fl is not None:
-                    fl()
-                elif not t.running:
-                    t.engine.map_gen = -1     # the current engine flushes its TBs when maps re-sync
+                t.engine.flush_tlb()          # offered only when the engine has it (implemented())
         p.stats["guest_tlb_flushes"] += 1
         return S.HV_STATUS_SUCCESS
 
@@ -1017,7 +998,7 @@ class _LapicTimerHost:
         return self.plat.clock.now_ns()
 
     def tsc_to_ns(self, tsc):
-        return self.plat.clock.ns_at_tsc(tsc)
+        return self.plat.clock.ns_at_tsc(tsc, self.plat.tsc_base(self.vp.part))
 
     def arm(self, deadline_ns):
         self.plat.lapic_arm_locked(self.vp, deadline_ns)
