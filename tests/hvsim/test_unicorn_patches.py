@@ -359,3 +359,32 @@ def test_virtual_tsc_runs_at_the_set_frequency(m):
     after = time.monotonic_ns()
     tsc = m.reg("RBX")
     assert before * hz // 10 ** 9 <= tsc <= after * hz // 10 ** 9
+
+
+# ---------------------------------------------------------------- self-modifying code
+def test_guest_store_over_translated_code_takes_effect(m):
+    """Stores to pages without code skip the write check (fast); a page that
+    code was translated from gets it back, so a guest that rewrites its own
+    code runs the new code."""
+    # T: out 0x80, al; (first pass) then: mov byte [T], 0xF4 (hlt); jmp T
+    t = CODE + 0x40
+    m.uc.mem_write(t, bytes.fromhex("e680" "ebfe"))
+    m.uc.reg_write(X.UC_X86_REG_RIP, t)
+    assert m.run()[0] == ucx.EXIT_IO                 # T translated and run once
+    code = bytes.fromhex("c60425") + struct.pack("<I", t) + b"\xF4"        # mov byte [t], 0xf4
+    code += b"\xE9" + struct.pack("<i", t - (CODE + 0x80 + len(code) + 5))   # jmp t
+    assert m.run(code, at=CODE + 0x80)[0] == ucx.EXIT_HLT
+    assert m.rip() == t
+
+
+def test_store_to_a_data_page_after_code_left_it(m):
+    """A page that held code and is then written as data (and never run
+    again) keeps working: the stores land."""
+    m.uc.mem_write(CODE + 0x1000, b"\xF4")
+    m.uc.reg_write(X.UC_X86_REG_RIP, CODE + 0x1000)
+    assert m.run()[0] == ucx.EXIT_HLT
+    # mov rsi, CODE+0x1000; mov ecx, 512; L: mov [rsi], rcx; add rsi, 8; loop L; out
+    code = b"\x48\xbe" + struct.pack("<Q", CODE + 0x1000) + bytes.fromhex("b900020000" "48890e" "4883c608" "e2f7" "e680")
+    assert m.run(code, at=CODE + 0x2000)[0] == ucx.EXIT_IO
+    assert struct.unpack("<Q", m.uc.mem_read(CODE + 0x1000, 8))[0] == 512
+    assert struct.unpack("<Q", m.uc.mem_read(CODE + 0x1FF8, 8))[0] == 1

@@ -105,11 +105,13 @@ class _Kicker:
         with self._cond:
             self._seq += 1
             token = self._seq
+            earliest = self._heap[0][0] if self._heap else None
             heapq.heappush(self._heap, (deadline, token, engine))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, daemon=True, name="hvsim-kicker")
                 self._thread.start()
-            self._cond.notify()
+            if earliest is None or deadline < earliest:
+                self._cond.notify()     # otherwise the thread wakes before this one is due
             return token
 
     def _loop(self):
@@ -160,6 +162,9 @@ class Engine:
         self.exits = {}
         self._event = None          # (kind, vector, error_code) to inject at the next entry
         self.uc.hook_add(UC_HOOK_MEM_UNMAPPED | UC_HOOK_MEM_PROT, self._on_mem)
+        self.rf = ucx.RegFile(GPR_UC + [X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS] + CR_UC + DR_UC,
+                              XMM_UC, [MSR_EFER] + list(NATIVE_MSRS.values()),
+                              [X.UC_X86_REG_GDTR, X.UC_X86_REG_IDTR, X.UC_X86_REG_LDTR, X.UC_X86_REG_TR])
 
     def close(self):
         self.slice_token = 0
@@ -315,16 +320,14 @@ class Engine:
             old = None                                  # segment state depends on the mode
         if old is None or st.cr2 != old.cr2:
             w(X.UC_X86_REG_CR2, st.cr2)
-        if old is None or st.gpr != old.gpr:
-            uc.reg_write_batch(list(zip(GPR_UC, st.gpr)))
-        if old is None or st.rflags != old.rflags:
-            w(X.UC_X86_REG_RFLAGS, st.rflags)
-        if old is None or st.dr != old.dr:
-            for r, v in zip(DR_UC, st.dr):
-                w(r, v)
+        if old is None or st.gpr != old.gpr or st.rflags != old.rflags or st.dr != old.dr:
+            # GPRs, RIP and RFLAGS in one call (not the CRs: a CR write flushes the TLB)
+            self.rf.write_regs(uc, st.gpr + [st.rip, st.rflags])
+            if old is None or st.dr != old.dr:
+                for r, v in zip(DR_UC, st.dr):
+                    w(r, v)
         if old is None or st.xmm != old.xmm:
-            for r, v in zip(XMM_UC, st.xmm):
-                w(r, v)
+            self.rf.write_xmm(uc, st.xmm)
         if old is None or st.gdtr != old.gdtr:
             w(X.UC_X86_REG_GDTR, (0, st.gdtr[0], st.gdtr[1], 0))
         if old is None or st.idtr != old.idtr:
@@ -350,23 +353,20 @@ class Engine:
     def store(self, st):
         """Read Unicorn's state back into a CpuState."""
         uc = self.uc
-        r = uc.reg_read
-        st.gpr = list(uc.reg_read_batch(GPR_UC))
-        st.rip = r(X.UC_X86_REG_RIP)
-        st.rflags = r(X.UC_X86_REG_RFLAGS)
-        st.cr0, st.cr2, st.cr3, st.cr4 = uc.reg_read_batch(CR_UC)
+        regs, xmm, msrs, tables = self.rf.read(uc)
+        st.gpr = regs[:16]
+        st.rip, st.rflags = regs[16], regs[17]
+        st.cr0, st.cr2, st.cr3, st.cr4 = regs[18:22]
+        st.dr = regs[22:28]
+        st.xmm = xmm
         st.cr8 = self.vp.apic.tpr >> 4      # CR8 is the APIC's TPR[7:4] (MOV CR8 exits)
-        st.efer = r(X.UC_X86_REG_MSR, MSR_EFER)
-        st.dr = list(uc.reg_read_batch(DR_UC))
-        st.xmm = [r(x) for x in XMM_UC]
-        g = r(X.UC_X86_REG_GDTR)
-        i = r(X.UC_X86_REG_IDTR)
-        st.gdtr, st.idtr = (g[1], g[2]), (i[1], i[2])
-        for name, reg in (("ldtr", X.UC_X86_REG_LDTR), ("tr", X.UC_X86_REG_TR)):
-            sel, base, limit, flags = r(reg)
+        st.efer = msrs[0]
+        for name, v in zip(NATIVE_MSRS, msrs[1:]):
+            st.msrs[name] = v
+        (_s, gb, gl, _f), (_s2, ib, il, _f2) = tables[0], tables[1]
+        st.gdtr, st.idtr = (gb, gl), (ib, il)
+        for name, (sel, base, limit, flags) in zip(("ldtr", "tr"), tables[2:]):
             setattr(st, name, (base, limit, sel, flags_to_attr(flags)))
-        for name, idx in NATIVE_MSRS.items():
-            st.msrs[name] = r(X.UC_X86_REG_MSR, idx)
         segs = []
         for k in range(6):
             sel, base, limit, flags = ucx.get_segment(uc, k)

@@ -1057,10 +1057,18 @@ class Hypervisor:
         return S.HV_STATUS_SUCCESS
 
     # ---------------------------------------------------------------- registers
+    # The "intermediate" control registers are the guest's CR0/CR3/CR4/CR8 as
+    # a nested hypervisor in the guest would see them. Without nested
+    # virtualization (the model offers none) they are the guest's own control
+    # registers; Cloud Hypervisor sets a guest's initial mode through them.
+    INTERMEDIATE = {"INTERMEDIATE_CR0": "CR0", "INTERMEDIATE_CR3": "CR3",
+                    "INTERMEDIATE_CR4": "CR4", "INTERMEDIATE_CR8": "CR8"}
+
     def get_reg(self, vp, name):
         st = vp.cpu
         n = spec.REGISTER_NAMES[name]
         short = n.replace("HV_X64_REGISTER_", "").replace("HV_REGISTER_", "")
+        short = self.INTERMEDIATE.get(short, short)
         if short in GPR_NAMES:
             return st.gpr[GPR_NAMES.index(short)]
         if short == "RIP":
@@ -1103,6 +1111,7 @@ class Hypervisor:
         st = vp.cpu
         n = spec.REGISTER_NAMES[name]
         short = n.replace("HV_X64_REGISTER_", "").replace("HV_REGISTER_", "")
+        short = self.INTERMEDIATE.get(short, short)
         v64 = value & U64
         if short in GPR_NAMES:
             st.gpr[GPR_NAMES.index(short)] = v64
