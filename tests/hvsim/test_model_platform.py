@@ -515,6 +515,8 @@ def test_lapic_tsc_deadline(root):
     assert apic_r(root, pid, A.APIC_TIMER_CCR) == 0
     wr(root, pid, PL.MSR_IA32_TSC_DEADLINE, dl)
     assert rd(root, pid, PL.MSR_IA32_TSC_DEADLINE) == dl
+    due_ns = vpo(root, pid).plat.lapic_handle[0]                  # armed for the first ns with TSC >= dl
+    assert clock.tsc(due_ns) >= dl > clock.tsc(due_ns - 1)
     wait_for(lambda: 0x62 in a.vectors())
     assert clock.tsc() >= dl and rd(root, pid, PL.MSR_IA32_TSC_DEADLINE) == 0
     # writing 0 disarms
@@ -532,6 +534,20 @@ def test_tsc_deadline_absent_when_the_vmm_hides_it(root):
     assert not cpuid(root, pid, 1)[2] & (1 << 24)
     assert is_gp(msr(root, pid, PL.MSR_IA32_TSC_DEADLINE))
     assert is_gp(msr(root, pid, PL.MSR_IA32_TSC_DEADLINE, 5))
+
+
+def test_clock_conversions():
+    c = PL.Clock(2_000_000_000)
+    for base in (0, 5_000_000_001):
+        for ns in (base + d for d in (1, 999, 123_456_789_012, 10 ** 15 + 7)):
+            t = c.tsc(ns, base)
+            assert t == (ns * 2 - base * 2) & PL.U64
+            n = c.ns_at_tsc(t, base)
+            assert c.tsc(n, base) >= t > c.tsc(n - 1, base)
+    c3 = PL.Clock(3_000_000_001)                                  # not a divisor of 10^9
+    for t in (1, 2, 3, 10 ** 12 + 1):
+        n = c3.ns_at_tsc(t)
+        assert c3.tsc(n) >= t > c3.tsc(n - 1)
 
 
 def test_timers_stop_when_the_vp_goes(root):
