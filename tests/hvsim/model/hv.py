@@ -22,7 +22,9 @@ import time
 
 from . import spec
 from . import apic as A
+from . import platform as platform_mod
 from .apic import LocalApic, MIN_VECTOR, RF_IF, NMI_VECTOR
+from .platform import GuestPlatform, DEFAULT_SYNTHETIC_FEATURES
 from .spec import S
 
 U64 = (1 << 64) - 1
@@ -94,7 +96,6 @@ DR_NAMES = ["DR0", "DR1", "DR2", "DR3", "DR6", "DR7"]
 
 # Default CPUID results (leaf -> eax, ebx, ecx, edx); see docs. x86 values, not ABI.
 _VENDOR = struct.unpack("<3I", b"GenuineIntel")
-_HV_VENDOR = struct.unpack("<3I", b"Microsoft Hv")
 
 
 def _r(name):
@@ -306,10 +307,21 @@ class Hypervisor:
         # DispatchVp of a VP halted with IF=1 (HLT, nothing pending): BLOCKED + this
         # event. Undocumented; anything but SUSPEND is Linux's "root_sched_blocked".
         self.halt_event = S.HV_VP_DISPATCH_EVENT_INVALID
-        self.msr_values = {}          # synthetic MSR store per (pid, vp) handled in _decide
         self.props_root = self._root_props()
         self.child_prop_defaults = self._child_props()
         self._closed = False
+        # what the guest sees: CPUID leaves, synthetic MSRs, timers, guest hypercalls (platform.py)
+        self.platform = GuestPlatform(self)
+
+    @property
+    def tsc_hz(self):
+        """The guest TSC frequency (TSC_FREQUENCY MSR, reference TSC page scale)."""
+        return self.platform.clock.hz
+
+    @property
+    def apic_hz(self):
+        """The APIC timer's input frequency (APIC_FREQUENCY MSR)."""
+        return self.platform.apic_hz
 
     # ================================================================ helpers
     def _root_props(self):
@@ -333,7 +345,7 @@ class Hypervisor:
         P = spec.enum("hv_partition_property_code")
         d = dict(self._root_props())
         d.update({
-            P["HV_PARTITION_PROPERTY_SYNTHETIC_PROC_FEATURES"]: 0,
+            P["HV_PARTITION_PROPERTY_SYNTHETIC_PROC_FEATURES"]: DEFAULT_SYNTHETIC_FEATURES,
             P["HV_PARTITION_PROPERTY_TIME_FREEZE"]: 0,
             P["HV_PARTITION_PROPERTY_REFERENCE_TIME"]: 0,
             P["HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION"]: 0,
@@ -977,13 +989,12 @@ class Hypervisor:
         if eax == 0:
             return (0xD, _VENDOR[0], _VENDOR[2], _VENDOR[1])
         if eax == 1:
-            ecx_f = (1 << 0) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 20) | (1 << 23) | (1 << 31)
+            ecx_f = (1 << 0) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 20) | (1 << 23)
+            ecx_f = self.platform.cpuid1_ecx(vp.part, ecx_f)     # hypervisor, TSC-deadline bits
             edx_f = 0x0789FBFF & ~(1 << 9) | (1 << 9)
             return (0x000806EC, (vp.index << 24) | (1 << 16) | (8 << 8), ecx_f, edx_f)
-        if eax == S.HYPERV_CPUID_VENDOR_AND_MAX_FUNCTIONS:
-            return (S.HYPERV_CPUID_IMPLEMENT_LIMITS, _HV_VENDOR[0], _HV_VENDOR[1], _HV_VENDOR[2])
-        if eax == S.HYPERV_CPUID_INTERFACE:
-            return (S.HV_CPUID_INTERFACE_SIGNATURE_HV1, 0, 0, 0)
+        if 0x40000000 <= eax <= 0x400000FF:
+            return self.platform.cpuid(vp, eax)
         if eax == 0x80000000:
             return (0x80000008, 0, 0, 0)
         if eax == 0x80000001:
@@ -1020,11 +1031,13 @@ class Hypervisor:
         vp = Vp(p, i.vp_index)
         vp.cpuid_results.update(getattr(p, "cpuid_all", {}))
         p.vps[i.vp_index] = vp
+        self.platform.attach_vp(vp)
         return S.HV_STATUS_SUCCESS
 
     def _destroy_vp(self, p, vp):
         self._stop_vp(vp)
         vp.deleted = True
+        self.platform.detach_vp(vp)
         for t, (pfn, overlay) in list(vp.state_pages.items()):
             if overlay:
                 self._free_overlay(pfn)
@@ -1088,7 +1101,10 @@ class Hypervisor:
         if name == _r("HV_REGISTER_VP_ROOT_SIGNAL_COUNT"):
             return vp.signal_count
         if name == _r("HV_X64_REGISTER_TSC"):
-            return int(time.monotonic() * 2_000_000_000)
+            return self.platform.clock.tsc()       # the guest's TSC (platform.Clock)
+        v = self.platform.get_register(vp, name)  # the guest platform's synthetic MSRs
+        if v is not None:
+            return v
         return vp.other.get(name, 0)
 
     def set_reg(self, vp, name, value):
@@ -1130,6 +1146,8 @@ class Hypervisor:
         elif name in (_r("HV_REGISTER_EXPLICIT_SUSPEND"), _r("HV_REGISTER_INTERCEPT_SUSPEND"),
                       _r("HV_REGISTER_DISPATCH_SUSPEND")):
             vp.other[name] = value & 1
+        elif self.platform.set_register(vp, name, value):
+            pass                                    # the guest platform's synthetic MSRs
         else:
             vp.other[name] = value & ((1 << 128) - 1)
             if name == _r("HV_X64_REGISTER_INITIAL_APIC_ID"):
@@ -1951,18 +1969,17 @@ class Hypervisor:
                     if p.intercepts.get(key, 0) & acc:
                         return "exit", None
                 if msr in (S.HV_X64_MSR_EOI, S.HV_X64_MSR_ICR, S.HV_X64_MSR_TPR):
+                    if not self.platform.has(p, S.HV_PARTITION_PRIVILEGE_ACCESS_INTR_CTRL_REGS):
+                        return platform_mod.GP          # not advertised: #GP in the guest
                     with self._lock:        # the synthetic aliases of the APIC's EOI, ICR and TPR
                         res = self._apic_msr(vp, msr, kw["write"], kw["value"])
                     self._flush_notify()
                     return "emulate", res
-                if 0x40000000 <= msr <= 0x400000FF:
-                    store = self.msr_values.setdefault((p.id, vp.index), {})
-                    if kw["write"]:
-                        store[msr] = kw["value"]
-                        return "emulate", None
-                    if msr == S.HV_X64_MSR_VP_INDEX:
-                        return "emulate", vp.index
-                    return "emulate", store.get(msr, 0)
+                if self.platform.handles_msr(msr):
+                    with self._lock:        # synthetic MSRs and IA32_TSC_DEADLINE (platform.py)
+                        res = self.platform.msr_locked(vp, msr, kw["write"], kw["value"])
+                    self._flush_notify()
+                    return res                      # ("emulate", value) or the #GP verdict
                 if A.X2APIC_MSR_BASE <= msr <= A.X2APIC_MSR_LAST:
                     with self._lock:
                         res = self._apic_msr(vp, msr, kw["write"], kw["value"])
@@ -1970,8 +1987,10 @@ class Hypervisor:
                     return "emulate", res
                 return "native", None
             if kind == "vmcall":
-                # guest hypercalls are not modelled yet: HV_STATUS_INVALID_HYPERCALL_CODE
-                return "emulate", {"gpr": {0: S.HV_STATUS_INVALID_HYPERCALL_CODE}}
+                with self._lock:            # guest hypercalls (platform.py)
+                    res = self.platform.vmcall(vp, kw["gpr"], kw["cpl"], kw["long64"], kw.get("cr0"))
+                self._flush_notify()
+                return res
             return "emulate", None
         return decide
 
@@ -2348,6 +2367,7 @@ class Hypervisor:
         return True
 
     def shutdown(self):
+        self.platform.close()
         with self._lock:
             self._closed = True
             for p in self.partitions.values():
