@@ -10,6 +10,7 @@ every model cost on the way (dispatch, exits, register write-back).
   memory       a load and a store per iteration over a 1 MiB array (TLB hits)
   page-walk    one load per 4 KiB page over 8 MiB of 4 KiB mappings, CR3
                reloaded after each sweep: every access is a TLB miss
+  msr          WRMSR of a synthetic MSR the model answers without an intercept
   exits        OUT to a port the root handles: a full intercept round trip
                (DispatchVp, message, SetVpRegisters for RIP) per instruction
 
@@ -119,6 +120,16 @@ def bench_page_walk(root, sweeps):
     return sweeps * (4 + 4 * pages + 2), t, n, sweeps * pages
 
 
+def bench_msr(root, count):
+    # mov ecx, HV_X64_MSR_TPR; xor eax, eax; xor edx, edx; mov r9, count;
+    # L: wrmsr; dec r9; jnz L; out   (each WRMSR is answered by the model itself)
+    code = (b"\xb9" + struct.pack("<I", S.HV_X64_MSR_TPR) + bytes.fromhex("31c0" "31d2") + b"\x49\xb9"
+            + imm64(count) + bytes.fromhex("0f30" "49ffc9" "75f9") + bytes.fromhex("e680"))
+    pid, msg = long_mode_guest(root, code)
+    t, n = run_until_out(root, pid, msg)
+    return count, t
+
+
 def bench_exits(root, count):
     # L: out 0x80, al; jmp L
     pid, msg = long_mode_guest(root, bytes.fromhex("e680" "ebfc"))
@@ -149,6 +160,9 @@ def main(argv=None):
         insns, t, n, misses = bench_page_walk(root, max(1, int(200 * sc)))
         print("%-10s %14d %9.3f %10.1f %10d  %.0f ns per TLB miss (%d misses)"
               % ("page-walk", insns, t, insns / t / 1e6, n, t / misses * 1e9, misses))
+        count, t = bench_msr(root, max(1, int(20000 * sc)))
+        print("%-10s %14d %9.3f %10.3f %10s  %.1f us per exit the model answers itself (WRMSR)"
+              % ("msr", count, t, count / t / 1e6, "", t / count * 1e6))
         count, t = bench_exits(root, max(1, int(2000 * sc)))
         print("%-10s %14d %9.3f %10.3f %10d  %.1f us per intercept round trip"
               % ("exits", count, t, count / t / 1e6, count, t / count * 1e6))

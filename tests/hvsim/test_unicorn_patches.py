@@ -388,3 +388,13 @@ def test_store_to_a_data_page_after_code_left_it(m):
     assert m.run(code, at=CODE + 0x2000)[0] == ucx.EXIT_IO
     assert struct.unpack("<Q", m.uc.mem_read(CODE + 0x1000, 8))[0] == 512
     assert struct.unpack("<Q", m.uc.mem_read(CODE + 0x1FF8, 8))[0] == 1
+
+
+def test_fetch_reads_through_the_mmu_without_side_effects(m):
+    m.uc.mem_write(CODE + 0xFFE, b"\x0f\x0b")
+    m.uc.reg_write(X.UC_X86_REG_CR2, 0x5000)
+    assert ucx.fetch(m.uc, CODE + 0xFFE, 4) == b"\x0f\x0b\x00\x00"        # page crossing, both mapped
+    assert ucx.fetch(m.uc, 0x40000000 - 2, 4) == b""                       # not present
+    assert m.reg("CR2") == 0x5000
+    assert m.run(bytes.fromhex("0f0b"), at=CODE + 0x200)[0] == ucx.EXIT_HLT  # no stale #PF state
+    assert m.records() == [(6, 0, CODE + 0x200, KCODE)]

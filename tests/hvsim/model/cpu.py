@@ -169,6 +169,7 @@ class Engine:
         self._flush_seq = self._flush_done = 0
         self.in_cpu = False         # inside uc.emu_start (guarded by _flush_cond)
         self.uc.hook_add(UC_HOOK_MEM_UNMAPPED | UC_HOOK_MEM_PROT, self._on_mem)
+        self.fr = ucx.FastRegs(self.uc)
         self.rf = ucx.RegFile(GPR_UC + [X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS] + CR_UC + DR_UC,
                               XMM_UC, [MSR_EFER] + list(NATIVE_MSRS.values()),
                               [X.UC_X86_REG_GDTR, X.UC_X86_REG_IDTR, X.UC_X86_REG_LDTR, X.UC_X86_REG_TR])
@@ -524,7 +525,7 @@ class Engine:
             self.mem_exit = None
             self.consumed = None
             try:
-                uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), U64)
+                uc.emu_start(self.fr.get(X.UC_X86_REG_RIP), U64)
                 err = None
             except UcError as e:
                 err = e
@@ -588,31 +589,30 @@ class Engine:
 
     # ------------------------------------------------------------ instruction exits
     def _cur(self):
-        """(linear RIP, CpuState-free view: cs base, 64-bit?, 32-bit default operand?)"""
-        uc = self.uc
-        sel, base, limit, flags = ucx.get_segment(uc, 1)
-        rip = uc.reg_read(X.UC_X86_REG_RIP)
-        efer = uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER)
-        long64 = bool(efer & EFER_LMA and flags & DESC_L)
+        """(RIP, CS base, 64-bit code?, 32-bit default operand size?)"""
+        sel, base, limit, flags = ucx.get_segment(self.uc, 1)
+        rip = self.fr.get(X.UC_X86_REG_RIP)
+        long64 = bool(flags & DESC_L and self.fr.msr(MSR_EFER) & EFER_LMA)
         d32 = bool(flags & DESC_B) or long64
         return rip, base, long64, d32
 
     def _fetch(self, lin):
-        self._pg = (self.uc.reg_read(X.UC_X86_REG_CR0), self.uc.reg_read(X.UC_X86_REG_CR3),
-                    self.uc.reg_read(X.UC_X86_REG_CR4), self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER))
-        self._tcache = {}
-        return self.read_linear(lin, 15)
+        """The bytes of the instruction at linear `lin` (through the CPU's MMU)."""
+        return ucx.fetch(self.uc, lin, 15)
 
-    def _advance(self, n):
-        rip, base, long64, d32 = self._cur()
+    def _advance(self, n, cur=None):
+        rip, base, long64, d32 = cur or self._cur()
         mask = U64 if long64 else (0xFFFFFFFF if d32 else 0xFFFF)
-        self.uc.reg_write(X.UC_X86_REG_RIP, (rip + n) & mask)
-        ucx.set_intr_state(self.uc, ucx.get_intr_state(self.uc) & ~ucx.INTR_SHADOW)
+        self.fr.set(X.UC_X86_REG_RIP, (rip + n) & mask)
+        istate = ucx.get_intr_state(self.uc)
+        if istate & ucx.INTR_SHADOW:
+            ucx.set_intr_state(self.uc, istate & ~ucx.INTR_SHADOW)
 
     def _insn_exit(self, reason, decide):
         """An instruction in the exit set stopped the run: answer it or return an Exit."""
         uc = self.uc
-        rip, base, long64, d32 = self._cur()
+        fr = self.fr
+        cur = rip, base, long64, d32 = self._cur()
         lin = (base + rip) & U64
         b = self._fetch(lin)
         i = 0
@@ -634,7 +634,7 @@ class Engine:
             byte = op in (0xE4, 0xE6, 0xEC, 0xEE, 0x6C, 0x6E)
             write = op in (0xE6, 0xE7, 0xEE, 0xEF, 0x6E, 0x6F)
             imm = op in (0xE4, 0xE5, 0xE6, 0xE7)
-            port = b[i + 1] if imm else uc.reg_read(X.UC_X86_REG_RDX) & 0xFFFF
+            port = b[i + 1] if imm else fr.get(X.UC_X86_REG_RDX) & 0xFFFF
             width = 1 if byte else (2 if d32 == osz else 4)
             length = i + (2 if imm else 1)
             return Exit("io", rip_lin=lin, length=length, port=port, size=width, write=write,
@@ -643,19 +643,19 @@ class Engine:
             return Exit("halt", rip_lin=lin, length=i + 1)
         length = i + 2
         if reason == ucx.EXIT_CPUID:
-            eax = uc.reg_read(X.UC_X86_REG_RAX) & 0xFFFFFFFF
-            ecx = uc.reg_read(X.UC_X86_REG_RCX) & 0xFFFFFFFF
+            eax = fr.get(X.UC_X86_REG_RAX) & 0xFFFFFFFF
+            ecx = fr.get(X.UC_X86_REG_RCX) & 0xFFFFFFFF
             verdict, res = decide("cpuid", eax=eax, ecx=ecx)
             if verdict == "exit":
                 return Exit("cpuid", rip_lin=lin, length=length, eax=eax, ecx=ecx, default=res)
             for reg, v in zip(GPR_UC[:4], (res[0], res[2], res[3], res[1])):   # RAX RCX RDX RBX
-                uc.reg_write(reg, v & 0xFFFFFFFF)
-            self._advance(length)
+                fr.set(reg, v & 0xFFFFFFFF)
+            self._advance(length, cur)
             return None
         if reason == ucx.EXIT_MSR:
             write = b[i + 1] == 0x30
-            ecx = uc.reg_read(X.UC_X86_REG_RCX) & 0xFFFFFFFF
-            value = ((uc.reg_read(X.UC_X86_REG_RDX) & 0xFFFFFFFF) << 32) | \
+            ecx = fr.get(X.UC_X86_REG_RCX) & 0xFFFFFFFF
+            value = ((fr.get(X.UC_X86_REG_RDX) & 0xFFFFFFFF) << 32) | \
                 (uc.reg_read(X.UC_X86_REG_RAX) & 0xFFFFFFFF)
             verdict, res = decide("msr", msr=ecx, write=write, value=value)
             if verdict == "exit":
@@ -672,9 +672,9 @@ class Engine:
                 else:
                     res = uc.reg_read(X.UC_X86_REG_MSR, ecx)
             if not write:
-                uc.reg_write(X.UC_X86_REG_RAX, res & 0xFFFFFFFF)
-                uc.reg_write(X.UC_X86_REG_RDX, (res >> 32) & 0xFFFFFFFF)
-            self._advance(length)
+                fr.set(X.UC_X86_REG_RAX, res & 0xFFFFFFFF)
+                fr.set(X.UC_X86_REG_RDX, (res >> 32) & 0xFFFFFFFF)
+            self._advance(length, cur)
             return None
         if reason == ucx.EXIT_VMCALL:
             length = i + 3
@@ -694,7 +694,7 @@ class Engine:
                 uc.reg_write(GPR_UC[k], v & U64)
             for k, v in (res or {}).get("xmm", {}).items():
                 uc.reg_write(XMM_UC[k], v)
-            self._advance(length)
+            self._advance(length, cur)
             return None
         if reason == ucx.EXIT_CR8:
             # MOV to/from CR8: CR8 is the APIC's TPR[7:4], emulated here
@@ -705,7 +705,7 @@ class Engine:
                 self.vp.apic.set_tpr((uc.reg_read(reg) & 0xF) << 4)
             else:
                 uc.reg_write(reg, self.vp.apic.tpr >> 4)
-            self._advance(length)
+            self._advance(length, cur)
             return None
         return Exit("unrecoverable", error="unexpected exit %r" % reason)
 

@@ -269,3 +269,59 @@ class RegFile:
         for i, v in enumerate(values):
             self.mvals[i].value = v
         self._call(self._wr, uc, self.mids, self.mptrs, self.k)
+
+
+_vmem_read = _lib().uc_vmem_read
+_vmem_read.restype = ctypes.c_int
+_vmem_read.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+_PROT_EXEC = 4
+
+
+def fetch(uc, lin, n):
+    """Up to `n` instruction bytes at linear address `lin`, read through the
+    CPU's own MMU (its TLB, then its page walk; a failed walk changes no
+    guest state). Stops at the first page that cannot be read; b"" if none."""
+    buf = ctypes.create_string_buffer(n)
+    if _vmem_read(uc._uch, lin, _PROT_EXEC, buf, n) == 0:
+        return buf.raw
+    first = min(n, 4096 - (lin & 0xFFF))
+    if first < n and _vmem_read(uc._uch, lin, _PROT_EXEC, buf, first) == 0:
+        return buf.raw[:first]
+    return b""
+
+
+class FastRegs:
+    """uc_reg_read/uc_reg_write of one 64-bit register (or one MSR) without
+    the binding's per-call type dispatch (~8 us a call, on every exit)."""
+
+    def __init__(self, uc):
+        lib = _lib()
+        self._h = uc._uch
+        self._rd, self._wr = lib.uc_reg_read, lib.uc_reg_write
+        self._v = ctypes.c_uint64()
+        self._p = ctypes.byref(self._v)
+
+        class Msr(ctypes.Structure):
+            _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
+        self._m = Msr()
+        self._mp = ctypes.byref(self._m)
+        self._msr_id = unicorn.x86_const.UC_X86_REG_MSR
+
+    def get(self, reg):
+        err = self._rd(self._h, reg, self._p)
+        if err:
+            raise unicorn.UcError(err)
+        return self._v.value
+
+    def set(self, reg, value):
+        self._v.value = value & 0xFFFFFFFFFFFFFFFF
+        err = self._wr(self._h, reg, self._p)
+        if err:
+            raise unicorn.UcError(err)
+
+    def msr(self, index):
+        self._m.rid = index
+        err = self._rd(self._h, self._msr_id, self._mp)
+        if err:
+            raise unicorn.UcError(err)
+        return self._m.value
