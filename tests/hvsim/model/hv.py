@@ -34,8 +34,7 @@ PARTITION_ID_SELF = U64
 MAX_VPS = 256
 # Root SynIC geometry: a SIM page holds one 256-byte message slot per SINT, and
 # the event ring page one hv_synic_event_ring per SINT.
-# TODO(spec): HV_SYNIC_SINT_COUNT (16) is not in the bindings; derived here.
-SINT_COUNT = S.PAGE_SIZE // S.hv_message.SIZE
+SINT_COUNT = S.HV_SYNIC_SINT_COUNT
 RING_SLOTS = len(S.hv_synic_event_ring().data)          # HV_SYNIC_EVENT_RING_MESSAGE_COUNT
 RING_DATA = S.hv_synic_event_ring.OFFSETS["data"]
 RING_MASKED = S.hv_synic_event_ring.OFFSETS["signal_masked"]

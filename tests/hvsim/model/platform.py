@@ -46,8 +46,8 @@ HV_VENDOR = struct.unpack("<3I", b"Microsoft Hv")
 # what 0x40000002 reports: build, major.minor (10.0), service pack 0, branch/number 0
 HV_BUILD, HV_VERSION = 26100, (10 << 16) | 0
 
-SINT_COUNT = S.HV_GUEST_SYNIC_SINT_COUNT
-STIMER_COUNT = S.HV_GUEST_SYNIC_STIMER_COUNT
+SINT_COUNT = S.HV_SYNIC_SINT_COUNT
+STIMER_COUNT = S.HV_SYNIC_STIMER_COUNT
 MSG_SIZE = S.hv_message.SIZE
 
 F = spec.enum("hv_partition_synthetic_proc_feature")
@@ -962,7 +962,7 @@ class GuestPlatform:
 
     def _hc_send_ipi(self, vp, code, inp, bank, elems):
         p = vp.part
-        if inp.target_vtl != 0 or not S.HV_CLUSTER_IPI_MIN_VECTOR <= inp.vector <= S.HV_CLUSTER_IPI_MAX_VECTOR:
+        if inp.target_vtl != 0 or not S.HV_IPI_LOW_VECTOR <= inp.vector <= S.HV_IPI_HIGH_VECTOR:
             return S.HV_STATUS_INVALID_PARAMETER
         if code == S.HVCALL_SEND_IPI_EX:
             targets = self._vp_set(p, inp, bank)
