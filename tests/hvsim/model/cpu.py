@@ -139,6 +139,10 @@ class Engine:
 
     def __init__(self, hv, part, vp):
         self.hv, self.part, self.vp = hv, part, vp
+        # _life orders kick() (any thread) against close(): no kick may reach
+        # a released Unicorn handle
+        self._life = threading.Lock()
+        self.closed = False
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         # Unicorn's 64-bit mode starts with EFER.LMA set and paging off, which
         # no CPU can be in; a PG 1 -> 0 transition clears LMA as on hardware,
@@ -175,14 +179,19 @@ class Engine:
                               [X.UC_X86_REG_GDTR, X.UC_X86_REG_IDTR, X.UC_X86_REG_LDTR, X.UC_X86_REG_TR])
 
     def close(self):
-        self.slice_token = 0
-        ucx.release(self.uc)
+        with self._life:
+            self.closed = True
+            self.slice_token = 0
+            ucx.release(self.uc)
 
     def kick(self):
         """Thread-safe: make a running engine stop at the next block boundary
         and re-check should_stop(), irq_pending() and its deadline. A kick
-        while nothing runs ends the next run's first block at once."""
-        ucx.kick(self.uc)
+        while nothing runs ends the next run's first block at once. A kick
+        after close() does nothing (the Unicorn handle is gone)."""
+        with self._life:
+            if not self.closed:
+                ucx.kick(self.uc)
 
     FLUSH_TLB, FLUSH_CODE = 1, 2
 
