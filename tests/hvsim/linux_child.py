@@ -47,8 +47,13 @@ def small_initramfs():
         out = hdr.encode() + name.encode() + b"\0"
         out += b"\0" * (-len(out) % 4) + data
         return out + b"\0" * (-len(out) % 4)
-    init = b"#!/bin/busybox sh\n/bin/busybox echo HVSIM-CHILD-INIT\n/bin/busybox poweroff -f\n"
-    arc = (entry("bin", b"", 0o40755) + entry("bin/busybox", bb, 0o100755)
+    # printed through /dev/kmsg: the console driver writes kernel messages by
+    # polling, while a tty write would wait for a UART interrupt this VMM
+    # does not raise
+    init = (b"#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs dev /dev\n"
+            b"/bin/busybox echo HVSIM-CHILD-INIT $(/bin/busybox uname -r) > /dev/kmsg\n"
+            b"/bin/busybox poweroff -f\n")
+    arc = (entry("bin", b"", 0o40755) + entry("dev", b"", 0o40755) + entry("bin/busybox", bb, 0o100755)
            + entry("init", init, 0o100755) + entry("TRAILER!!!", b"", 0))
     return arc + b"\0" * (-len(arc) % 512)
 
