@@ -79,6 +79,11 @@ COSTS = {
     "create_partition": 2,        # from the ROOT pool
     "initialize_partition": 160,  # from the child's pool
     "create_vp": 64,              # from the child's pool
+    "create_vp_root": 1,          # from the ROOT pool (root-side VP state): INSUFFICIENT_ROOT_MEMORY
+    "map_vp_state_page": 1,       # from the child's pool, per state page mapped
+    "install_intercept": 1,       # from the child's pool, per intercept type first installed
+    "synic_enable": 1,            # child pool: SetVpRegisters turning SCONTROL.enable on (per VP)
+    "access_tracking": 1,         # child pool: SetPartitionProperty GPA_PAGE_ACCESS_TRACKING 0 -> 1
     "create_port": 1,             # from the port partition's pool (the root for doorbells)
     "connect_port": 1,            # from the connection partition's pool
     # MapGpaPages: one page per 2 MiB GPA region holding 4 KiB mappings plus one
@@ -86,6 +91,15 @@ COSTS = {
 }
 
 ST_CREATED, ST_INITIALIZED, ST_FINALIZED = "created", "initialized", "finalized"
+
+# Deposited pages hold this 8-byte pattern (little-endian u64) while the
+# hypervisor owns them; a withdrawn page that lost it was written by the root.
+POOL_PATTERN = struct.pack("<Q", 0x6C6F6F7056485F5F)   # "__HVPool"
+# Upstream Linux deposits this many contiguous pages after an
+# INSUFFICIENT_CONTIGUOUS_(ROOT_)MEMORY status (HV_MAX_CONTIGUOUS_ALLOCATION_PAGES
+# in its hvhdk_mini.h). TODO(spec): not in the bindings; the model's
+# contiguous requests default to it.
+CONTIGUOUS_PAGES = 8
 
 SEG_NAMES = ["ES", "CS", "SS", "DS", "FS", "GS"]
 GPR_NAMES = ["RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
@@ -281,6 +295,11 @@ class Hypervisor:
         self.partitions = {ROOT_ID: self.root}
         self._next_pid = 0x10
         self.deposited = {}           # pfn -> partition id (pool pages anywhere)
+        self.batch = {}               # deposited pfn -> the DepositMemory call that gave it
+        self._batch_seq = 0
+        self._contig = {}             # code -> (pages, from root?): armed contiguous requests
+        self._cur_code = None         # the hypercall being handled (for the contiguous knob)
+        self.provided_pages = set()   # root pfns given as MapVpStatePage locations
         self.mapped = collections.Counter()   # root pfn -> number of child GPA mappings
         self.synic = {}
         self._dispatching = {}        # root CPU -> VP its DispatchVp is running (root scheduler)
@@ -416,6 +435,16 @@ class Hypervisor:
     def insufficient_memory_once(self, code):
         self.fail_next(code, S.HV_STATUS_INSUFFICIENT_MEMORY)
 
+    def contiguous_next(self, code, pages=CONTIGUOUS_PAGES, root=False):
+        """The next call of `code` that charges a pool also needs `pages`
+        physically contiguous pages (a naturally aligned run deposited by one
+        DepositMemory call) from the target's pool, or the root's with
+        root=True. Until they are there it fails with
+        INSUFFICIENT_CONTIGUOUS_MEMORY (_ROOT_MEMORY); the request stays armed
+        until a call of `code` succeeds in charging it."""
+        with self._lock:
+            self._contig[code] = (pages, root)
+
     def delay(self, code, seconds):
         with self._lock:
             if seconds:
@@ -511,6 +540,7 @@ class Hypervisor:
             with self._lock:
                 self.calls[code] += 1
                 c = _Call(self, cpu, control, code, fast_api, in_gpa, out_gpa, fast_bytes)
+                self._cur_code = code
                 status = c.validate()
                 if status is None:
                     status = self._inject(code)
@@ -583,16 +613,60 @@ class Hypervisor:
             raise HvError(S.HV_STATUS_INVALID_VP_INDEX)
         return vp
 
-    def _take(self, p, n, key):
-        if len(p.free) < n:
+    def _find_run(self, pool, k):
+        """A naturally aligned run of k free pages of `pool` that one
+        DepositMemory call gave (the model's notion of physically contiguous
+        deposited memory), or None."""
+        free = set(pool.free)
+        for pfn in pool.free:
+            if pfn % k == 0 and all(pfn + j in free and self.batch.get(pfn + j) == self.batch.get(pfn)
+                                    for j in range(k)):
+                return [pfn + j for j in range(k)]
+        return None
+
+    def _take(self, p, n, key, root_n=0):
+        """Charge an object: n pages from p's pool (held by p under `key`) and
+        root_n pages from the root's pool (held by the root under
+        ("for", p.id, key)), all or nothing. A contiguous request armed for
+        the current call (contiguous_next) adds its run. Statuses:
+        INSUFFICIENT_MEMORY (p's pool), INSUFFICIENT_ROOT_MEMORY (the root's
+        pool charged for a child), and the CONTIGUOUS variants."""
+        root = self.root
+        rkey = ("for", p.id, key)
+        contig = self._contig.get(self._cur_code)
+        run = pool_of_run = None
+        if contig:
+            pages, in_root = contig
+            pool_of_run = root if in_root else p
+            run = self._find_run(pool_of_run, pages)
+            if run is None:
+                raise HvError(S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY
+                              if pool_of_run is root and p is not root
+                              else S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_MEMORY)
+        need_p = n + (len(run) if run and pool_of_run is p else 0)
+        if len(p.free) < need_p:
             raise HvError(S.HV_STATUS_INSUFFICIENT_MEMORY)
+        if p is not root:
+            need_r = root_n + (len(run) if run and pool_of_run is root else 0)
+            if len(root.free) < need_r:
+                raise HvError(S.HV_STATUS_INSUFFICIENT_ROOT_MEMORY)
+        if run:
+            del self._contig[self._cur_code]
+            for x in run:
+                pool_of_run.free.remove(x)
+            pool_of_run.held.setdefault(key if pool_of_run is p else rkey, []).extend(run)
         pages = [p.free.pop() for _ in range(n)]
         p.held.setdefault(key, []).extend(pages)
+        if root_n:
+            pool = root if p is not root else p
+            pool.held.setdefault(rkey, []).extend(pool.free.pop() for _ in range(root_n))
         return pages
 
     def _give_back(self, p, key):
         pages = p.held.pop(key, [])
         p.free.extend(pages)
+        rpages = self.root.held.pop(("for", p.id, key), [])
+        self.root.free.extend(rpages)
 
     # ================================================================ partitions
     def _hc_create_partition(self, c):
@@ -638,6 +712,8 @@ class Hypervisor:
         self._unmap_all(p)
         for key in list(p.held):
             self._give_back(p, key)
+        for key in [k for k in self.root.held if k[0] == "for" and k[1] == p.id]:
+            self.root.free.extend(self.root.held.pop(key))
         for key in [k for k in self.stats_pages if k[1] == p.id]:
             self._free_overlay(self.stats_pages.pop(key))
         # the TLFS: finalize deletes the partition's remaining ports and
@@ -720,6 +796,18 @@ class Hypervisor:
             return S.HV_STATUS_ACCESS_DENIED
         if code in self.EARLY_PROPS and p.state != ST_CREATED:
             return S.HV_STATUS_INVALID_PARTITION_STATE
+        if code == S.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING:
+            on = c.inp.property_value
+            if on not in (0, 1):
+                return S.HV_STATUS_INVALID_PARAMETER
+            if on and not p.props.get(code):
+                try:
+                    # the tracking bitmap comes from the partition's pool
+                    self._take(p, self.costs["access_tracking"], ("tracking",))
+                except HvError as e:
+                    return e.status
+            elif not on:
+                self._give_back(p, ("tracking",))
         p.props[code] = c.inp.property_value
         return S.HV_STATUS_SUCCESS
 
@@ -745,14 +833,28 @@ class Hypervisor:
         p = self._part(c.inp.partition_id)
         if p.state == ST_FINALIZED:
             return S.HV_STATUS_INVALID_PARTITION_STATE
+        self._batch_seq += 1
         for i in c.reps():
             pfn = c.rep_in(i)
+            # a frame the hypervisor owns (reserved/overlay, already deposited,
+            # a provided state page) or one a child maps is refused
             if not self.is_ram(pfn) or self.in_reserved(pfn) or pfn in self.deposited \
-                    or self.mapped[pfn]:
+                    or self.mapped[pfn] or pfn in self.provided_pages:
                 return S.HV_STATUS_INVALID_PARAMETER
             self.deposited[pfn] = p.id
+            self.batch[pfn] = self._batch_seq
+            self.mem.write(pfn << 12, POOL_PATTERN * (S.PAGE_SIZE // len(POOL_PATTERN)))
             p.free.append(pfn)
         return S.HV_STATUS_SUCCESS
+
+    def _check_pattern(self, pfn, owner):
+        """A page going back to the root must still hold the deposit pattern:
+        the root may not write into memory the hypervisor owns."""
+        if self.mem.read(pfn << 12, S.PAGE_SIZE) != POOL_PATTERN * (S.PAGE_SIZE // len(POOL_PATTERN)):
+            msg = (f"deposited page {pfn:#x} of partition {owner:#x} was written while the "
+                   f"hypervisor owned it (pattern lost at withdraw)")
+            self.contract_violations.append(msg)
+            self._log("contract: " + msg)
 
     def _hc_withdraw_memory(self, c):
         p = self._part(c.inp.partition_id)
@@ -760,7 +862,9 @@ class Hypervisor:
             if not p.free:
                 return S.HV_STATUS_NO_RESOURCES
             pfn = p.free.pop()
+            self._check_pattern(pfn, p.id)
             del self.deposited[pfn]
+            self.batch.pop(pfn, None)
             c.rep_out(i, pfn)
         return S.HV_STATUS_SUCCESS
 
@@ -954,6 +1058,9 @@ class Hypervisor:
         if i.access_type & ~allowed or i.intercept_type not in spec.enum("hv_intercept_type").values() \
                 or i.intercept_type == S.HV_INTERCEPT_TYPE_INVALID:
             return S.HV_STATUS_INVALID_PARAMETER
+        if ("intercept", i.intercept_type) not in p.held:
+            # the first intercept of a type allocates that type's table
+            self._take(p, self.costs["install_intercept"], ("intercept", i.intercept_type))
         p.intercepts[(i.intercept_type, i.intercept_parameter)] = i.access_type
         return S.HV_STATUS_SUCCESS
 
@@ -1016,7 +1123,7 @@ class Hypervisor:
         p = self._child(i.partition_id)
         if i.vp_index >= MAX_VPS or i.vp_index in p.vps:
             return S.HV_STATUS_INVALID_VP_INDEX
-        self._take(p, self.costs["create_vp"], ("vp", i.vp_index))
+        self._take(p, self.costs["create_vp"], ("vp", i.vp_index), root_n=self.costs["create_vp_root"])
         vp = Vp(p, i.vp_index)
         vp.cpuid_results.update(getattr(p, "cpuid_all", {}))
         p.vps[i.vp_index] = vp
@@ -1028,7 +1135,11 @@ class Hypervisor:
         for t, (pfn, overlay) in list(vp.state_pages.items()):
             if overlay:
                 self._free_overlay(pfn)
+            else:
+                self.provided_pages.discard(pfn)
+            self._give_back(p, ("state", vp.index, t))
         vp.state_pages.clear()
+        self._give_back(p, ("synic", vp.index))
         if vp.engine:
             vp.engine.close()
             vp.engine = None
@@ -1126,6 +1237,62 @@ class Hypervisor:
             if name == _r("HV_X64_REGISTER_INITIAL_APIC_ID"):
                 vp.apic.apic_id = value & 0xFFFFFFFF
 
+    # SetVpRegisters value checks (TLFS: reserved bits must be zero, fixed
+    # bits as the architecture defines them, nothing beyond the register's
+    # width; read-only registers cannot be written). x86 numbers, Intel SDM.
+    _CR0_OK = 0xE005003F            # PE MP EM TS ET NE WP AM NW CD PG
+    _CR4_OK = 0x01FF7FFF            # bits 0-24 except 15 (reserved)
+    _EFER_OK = 0xD01                # SCE LME LMA NXE (the model's CPU is Intel)
+    _RFLAGS_RSVD = (1 << 3) | (1 << 5) | (1 << 15) | (U64 & ~((1 << 22) - 1))
+    _CANONICAL = ("RIP", "KERNEL_GS_BASE", "LSTAR", "CSTAR", "SYSENTER_EIP", "SYSENTER_ESP")
+    _WIDE = ("XMM", "FP_MMX")       # 128-bit value registers (prefixes)
+    READONLY_REGS = frozenset(n for n in ("HV_REGISTER_VP_INDEX", "HV_REGISTER_VP_ROOT_SIGNAL_COUNT")
+                              if n in spec.enum("hv_register_name"))
+
+    @staticmethod
+    def _canonical(v):
+        top = v >> 47                   # 48-bit virtual addresses (CPUID 0x80000008)
+        return top in (0, (1 << 17) - 1)
+
+    def check_reg_value(self, vp, name, value):
+        """The status SetVpRegisters returns for writing `value` (128 bits)
+        to `name`, or None when Hyper-V would accept it."""
+        n = spec.REGISTER_NAMES[name]
+        short = n.replace("HV_X64_REGISTER_", "").replace("HV_REGISTER_", "")
+        bad = S.HV_STATUS_INVALID_REGISTER_VALUE
+        if n in self.READONLY_REGS:
+            return S.HV_STATUS_INVALID_PARAMETER
+        lo, hi = value & U64, value >> 64
+        structured = short in SEG_NAMES or short in ("LDTR", "TR", "GDTR", "IDTR") or \
+            short.startswith(self._WIDE)
+        if not structured and hi and (short in GPR_NAMES or short in DR_NAMES or short in
+                                      ("RIP", "RFLAGS", "CR0", "CR2", "CR3", "CR4", "CR8", "EFER")
+                                      or short in self._CANONICAL):
+            return bad                                  # beyond the register's width
+        if short == "RFLAGS" and (lo & self._RFLAGS_RSVD or not lo & 2):
+            return bad
+        if short == "CR0" and (lo & ~self._CR0_OK or (lo >> 31 & 1 and not lo & 1)
+                               or (lo >> 29 & 1 and not lo >> 30 & 1)):
+            return bad                                  # reserved bits, PG without PE, NW without CD
+        if short == "CR4" and lo & ~self._CR4_OK:
+            return bad
+        if short == "CR3" and lo >> 52:
+            return bad                                  # beyond any physical address
+        if short == "CR8" and lo > 0xF:
+            return bad
+        if short == "EFER" and lo & ~self._EFER_OK:
+            return bad
+        if short in ("DR6", "DR7") and lo >> 32:
+            return bad
+        if short in self._CANONICAL and not self._canonical(lo):
+            return bad
+        if short in ("FS", "GS", "LDTR", "TR") and not self._canonical(seg_unpack(value)[0]):
+            return bad
+        if short in ("GDTR", "IDTR") and (not self._canonical(table_unpack(value)[0])
+                                         or table_unpack(value)[1] > 0xFFFF):
+            return bad
+        return None
+
     def _check_vtl(self, vtl):
         if vtl not in (0, 0x10):
             raise HvError(S.HV_STATUS_INVALID_PARAMETER)
@@ -1161,6 +1328,13 @@ class Hypervisor:
                 return S.HV_STATUS_INVALID_PARAMETER
             if vp.running and a.name not in susp:
                 return S.HV_STATUS_INVALID_VP_STATE
+            value = a.value.low | (a.value.high << 64)
+            bad = self.check_reg_value(vp, a.name, value)
+            if bad is not None:
+                return bad
+            if a.name == _r("HV_REGISTER_SCONTROL") and value & 1 and ("synic", vp.index) not in p.held:
+                # enabling the VP's SynIC allocates its message queues
+                self._take(p, self.costs["synic_enable"], ("synic", vp.index))
             if a.name == _r("HV_REGISTER_EXPLICIT_SUSPEND") and a.value.low & 1 and vp.running:
                 vp.stop_req = True
                 self._wait_stopped(vp)
@@ -1185,14 +1359,23 @@ class Hypervisor:
         if i.type in vp.state_pages:
             c.out = S.hv_output_map_location(map_location=vp.state_pages[i.type][0])
             return S.HV_STATUS_SUCCESS
-        if i.bits("flags", "map_location_provided"):
+        provided = i.bits("flags", "map_location_provided")
+        if provided:
             pfn = i.requested_map_location
-            if not self.is_ram(pfn) or self.in_reserved(pfn) or pfn in self.deposited:
+            if not self.is_ram(pfn) or self.in_reserved(pfn) or pfn in self.deposited \
+                    or self.mapped[pfn] or pfn in self.provided_pages:
                 return S.HV_STATUS_INVALID_PARAMETER
+        self._take(p, self.costs["map_vp_state_page"], ("state", vp.index, i.type))
+        if provided:
             self.mem.fill(pfn << 12, 4096)
             vp.state_pages[i.type] = (pfn, False)
+            self.provided_pages.add(pfn)
         else:
-            vp.state_pages[i.type] = (self._alloc_overlay(("vp", p.id, vp.index, i.type)), True)
+            try:
+                vp.state_pages[i.type] = (self._alloc_overlay(("vp", p.id, vp.index, i.type)), True)
+            except HvError:
+                self._give_back(p, ("state", vp.index, i.type))
+                raise
         if i.type == S.HV_VP_STATE_PAGE_REGISTERS:
             self._sync_reg_page_out(vp)
         elif vp.last_msg is not None:
@@ -1209,6 +1392,9 @@ class Hypervisor:
             return S.HV_STATUS_INVALID_PARAMETER
         if ent[1]:
             self._free_overlay(ent[0])
+        else:
+            self.provided_pages.discard(ent[0])
+        self._give_back(p, ("state", vp.index, i.type))
         return S.HV_STATUS_SUCCESS
 
     def _reg_page(self, vp):
