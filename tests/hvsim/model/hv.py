@@ -16,6 +16,8 @@ Every input is decoded with the generated bindings (gen/python/mshv_spec.py).
 """
 
 import collections
+import os
+import random
 import struct
 import threading
 import time
@@ -95,11 +97,8 @@ ST_CREATED, ST_INITIALIZED, ST_FINALIZED = "created", "initialized", "finalized"
 # Deposited pages hold this 8-byte pattern (little-endian u64) while the
 # hypervisor owns them; a withdrawn page that lost it was written by the root.
 POOL_PATTERN = struct.pack("<Q", 0x6C6F6F7056485F5F)   # "__HVPool"
-# Upstream Linux deposits this many contiguous pages after an
-# INSUFFICIENT_CONTIGUOUS_(ROOT_)MEMORY status (HV_MAX_CONTIGUOUS_ALLOCATION_PAGES
-# in its hvhdk_mini.h). TODO(spec): not in the bindings; the model's
-# contiguous requests default to it.
-CONTIGUOUS_PAGES = 8
+# A contiguous request asks for one deposit chunk of this many pages.
+CONTIGUOUS_PAGES = S.HV_MAX_CONTIGUOUS_ALLOCATION_PAGES
 
 SEG_NAMES = ["ES", "CS", "SS", "DS", "FS", "GS"]
 GPR_NAMES = ["RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
@@ -325,6 +324,14 @@ class Hypervisor:
         # DispatchVp of a VP halted with IF=1 (HLT, nothing pending): BLOCKED + this
         # event. Undocumented; anything but SUSPEND is Linux's "root_sched_blocked".
         self.halt_event = S.HV_VP_DISPATCH_EVENT_INVALID
+        # Scheduler kicks: "pair" (VP_SIGNAL_PAIR), "bitset" (VP_SIGNAL_BITSET,
+        # merged into a queued one for the same partition), "overflow" (a
+        # BITSET whose overflow_count says signals were lost: the root must
+        # look at every VP of the partition), or None: chosen at random from
+        # a generator seeded by HVSIM_SEED (default 0), so a run repeats.
+        self.kick_form = os.environ.get("HVSIM_KICK_FORM") or None
+        self.kick_rng = random.Random(int(os.environ.get("HVSIM_SEED", "0"), 0))
+        self.kicks = collections.Counter()   # form -> messages sent
         self.msr_values = {}          # synthetic MSR store per (pid, vp) handled in _decide
         self.props_root = self._root_props()
         self.child_prop_defaults = self._child_props()
@@ -505,6 +512,7 @@ class Hypervisor:
                         large_mappings=sum(v["maps_2m"] for v in parts.values()),
                         vps={pid: v["vps"] for pid, v in parts.items()},
                         contract_violations=list(self.contract_violations),
+                        kicks=dict(self.kicks),
                         root_pool_used=self.root.held_count())
 
     def report(self, last=40):
@@ -2076,16 +2084,67 @@ class Hypervisor:
         raw[16:16 + len(pb)] = pb
         return bytes(raw)
 
+    KICK_FORMS = ("pair", "bitset", "overflow")
+
     def _signal_vp(self, vp, cpu):
-        """Root scheduler: kick the VP's dispatch thread (VP_SIGNAL_PAIR on SINT0)."""
+        """Root scheduler: kick the VP's dispatch thread with a scheduler
+        message on SINT0, in the form `kick_form` names (random if None)."""
         vp.signal_count += 1
-        pl = S.hv_vp_signal_pair_scheduler_message(vp_count=1)
-        pl.partition_ids[0] = vp.part.id
-        pl.vp_indexes[0] = vp.index
-        msg = self._message(S.HVMSG_SCHEDULER_VP_SIGNAL_PAIR, pl, 0)
+        form = self.kick_form or self.kick_rng.choice(self.KICK_FORMS)
+        if form not in self.KICK_FORMS:
+            raise ValueError(f"unknown kick form {form!r}")
         self.synic_pages(cpu)
-        self.synic[cpu].queues[S.HV_SYNIC_INTERCEPTION_SINT_INDEX].append(msg)
+        q = self.synic[cpu].queues[S.HV_SYNIC_INTERCEPTION_SINT_INDEX]
+        B = S.hv_vp_signal_bitset_scheduler_message
+        if form == "pair":
+            pl = S.hv_vp_signal_pair_scheduler_message(vp_count=1)
+            pl.partition_ids[0] = vp.part.id
+            pl.vp_indexes[0] = vp.index
+            msg = self._message(S.HVMSG_SCHEDULER_VP_SIGNAL_PAIR, pl, 0)
+        else:
+            # a BITSET still queued for this partition takes the VP too
+            for k, queued in enumerate(q):
+                hdr = S.hv_message_header.from_bytes(queued[:S.hv_message_header.SIZE])
+                if hdr.message_type != S.HVMSG_SCHEDULER_VP_SIGNAL_BITSET:
+                    continue
+                pl = B.from_bytes(queued[16:16 + B.SIZE])
+                if pl.partition_id == vp.part.id:
+                    self._bitset_add(pl, vp.index, form)
+                    q[k] = self._message(S.HVMSG_SCHEDULER_VP_SIGNAL_BITSET, pl, 0)
+                    self.kicks[form + "_merged"] += 1
+                    self._deliver(cpu, S.HV_SYNIC_INTERCEPTION_SINT_INDEX)
+                    return
+            pl = B(partition_id=vp.part.id, vpset_format=S.HV_GENERIC_SET_SPARSE_4K)
+            self._bitset_add(pl, vp.index, form)
+            msg = self._message(S.HVMSG_SCHEDULER_VP_SIGNAL_BITSET, pl, 0)
+        self.kicks[form] += 1
+        q.append(msg)
         self._deliver(cpu, S.HV_SYNIC_INTERCEPTION_SINT_INDEX)
+
+    @staticmethod
+    def _bitset_add(pl, index, form):
+        """Add VP `index` to a sparse 4K VP set; in the overflow form it is
+        counted in overflow_count instead of being named."""
+        if form == "overflow":
+            pl.overflow_count += 1
+            return
+        bank = index // 64
+        banks = [b for b in range(64) if pl.valid_bank_mask >> b & 1]
+        if bank not in banks:
+            if len(banks) == len(pl.bank_contents):
+                pl.overflow_count += 1          # no room for another bank
+                return
+            pos = sum(1 for b in banks if b < bank)
+            vals = [pl.bank_contents[i] for i in range(len(banks))]
+            vals.insert(pos, 0)
+            for i, v in enumerate(vals):
+                pl.bank_contents[i] = v
+            pl.valid_bank_mask |= 1 << bank
+            banks = sorted(banks + [bank])
+        pos = banks.index(bank)
+        if not pl.bank_contents[pos] >> (index % 64) & 1:
+            pl.bank_contents[pos] |= 1 << (index % 64)
+            pl.vp_count += 1
 
     # ================================================================ running VPs
     def _engine(self, vp):

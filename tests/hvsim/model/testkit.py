@@ -21,11 +21,14 @@ U64 = (1 << 64) - 1
 class Root:
     """A fake root partition driving the model."""
 
-    def __init__(self, scheduler="root", notify=None, ncpus=2):
+    def __init__(self, scheduler="root", notify=None, ncpus=2, kick_form="pair"):
         self.ram = AnonRam(RAM_SIZE)
         self.notified = []
         self.hv = Hypervisor(self.ram, HV_BASE, HV_SIZE, scheduler=scheduler,
                              notify=notify or self.notified.append, ncpus=ncpus)
+        # unit tests read scheduler kicks as VP_SIGNAL_PAIR unless they ask
+        # for another form (test_model_strict.py covers BITSET and overflow)
+        self.hv.kick_form = kick_form
         self._next_pool = POOL_BASE
         self._next_guest = GUEST_BASE
 
@@ -69,20 +72,20 @@ class Root:
                     S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_MEMORY,
                     S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY)
 
-    def contiguous_pages(self, n=8):
+    def contiguous_pages(self, n=S.HV_MAX_CONTIGUOUS_ALLOCATION_PAGES):
         """n consecutive pool pages, naturally aligned (an order-3 allocation)."""
         self._next_pool = -(-self._next_pool // n) * n
         return self.pool_pages(n)
 
     def deposit_for(self, status, pid, pages=1):
         """The driver's answer to a needs-memory status: `pages` pages into
-        `pid` (INSUFFICIENT_MEMORY), into the root (the ROOT variants), 8
-        contiguous pages for the CONTIGUOUS variants (as upstream Linux)."""
+        `pid` (INSUFFICIENT_MEMORY), into the root (the ROOT variants), one
+        contiguous chunk for the CONTIGUOUS variants (as upstream Linux)."""
         if status in (S.HV_STATUS_INSUFFICIENT_ROOT_MEMORY, S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY):
             pid = ROOT_ID
         if status in (S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_MEMORY,
                       S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY):
-            pfns = self.contiguous_pages(8)
+            pfns = self.contiguous_pages()
         else:
             pfns = self.pool_pages(pages)
         assert self.deposit(pid, pfns)[0] == S.HV_STATUS_SUCCESS
