@@ -265,6 +265,7 @@ class RootSynic:
         self.queues = collections.defaultdict(collections.deque)
         self.heads = [0] * SINT_COUNT     # the hypervisor's write index per SINT ring
         self.kept = [[] for _ in range(SINT_COUNT)]   # port ids held back while a ring is full
+        self.enabled = False              # the root enabled SIMP and its SINTs (HVSIM_OP_SYNIC_PAGES)
 
 
 class Hypervisor:
@@ -294,7 +295,7 @@ class Hypervisor:
         self.partitions = {ROOT_ID: self.root}
         self._next_pid = 0x10
         self.deposited = {}           # pfn -> partition id (pool pages anywhere)
-        self.batch = {}               # deposited pfn -> the DepositMemory call that gave it
+        self.batch = {}               # deposited pfn -> (DepositMemory call, its chunk size)
         self._batch_seq = 0
         self._contig = {}             # code -> (pages, from root?): armed contiguous requests
         self._cur_code = None         # the hypercall being handled (for the contiguous knob)
@@ -622,13 +623,16 @@ class Hypervisor:
         return vp
 
     def _find_run(self, pool, k):
-        """A naturally aligned run of k free pages of `pool` that one
-        DepositMemory call gave (the model's notion of physically contiguous
-        deposited memory), or None."""
+        """A naturally aligned run of k free pages of `pool` from one
+        contiguous chunk (a DepositMemory call whose pages were one naturally
+        aligned power-of-two run of at least k pages: the model's stand-in
+        for a higher-order allocation), or None."""
         free = set(pool.free)
         for pfn in pool.free:
-            if pfn % k == 0 and all(pfn + j in free and self.batch.get(pfn + j) == self.batch.get(pfn)
-                                    for j in range(k)):
+            b = self.batch.get(pfn)
+            if b is None or b[1] < k or pfn % k:
+                continue
+            if all(pfn + j in free and self.batch.get(pfn + j) == b for j in range(k)):
                 return [pfn + j for j in range(k)]
         return None
 
@@ -842,6 +846,10 @@ class Hypervisor:
         if p.state == ST_FINALIZED:
             return S.HV_STATUS_INVALID_PARTITION_STATE
         self._batch_seq += 1
+        given = [c.rep_in(i) for i in range(c.rep_start, c.rep_count)]
+        n = len(given)
+        chunk = n if (n & (n - 1) == 0 and given[0] % n == 0 and
+                      given == list(range(given[0], given[0] + n))) else 1
         for i in c.reps():
             pfn = c.rep_in(i)
             # a frame the hypervisor owns (reserved/overlay, already deposited,
@@ -850,7 +858,7 @@ class Hypervisor:
                     or self.mapped[pfn] or pfn in self.provided_pages:
                 return S.HV_STATUS_INVALID_PARAMETER
             self.deposited[pfn] = p.id
-            self.batch[pfn] = self._batch_seq
+            self.batch[pfn] = (self._batch_seq, chunk)
             self.mem.write(pfn << 12, POOL_PATTERN * (S.PAGE_SIZE // len(POOL_PATTERN)))
             p.free.append(pfn)
         return S.HV_STATUS_SUCCESS
@@ -1035,6 +1043,11 @@ class Hypervisor:
         update the bits (simplification: Unicorn does not report them)."""
         p = self._child(c.inp.partition_id)
         f = c.inp
+        if (f.bits("flags", "clear_accessed") and f.bits("flags", "set_accessed")) or \
+                (f.bits("flags", "clear_dirty") and f.bits("flags", "set_dirty")):
+            return S.HV_STATUS_INVALID_PARAMETER       # contradictory flags
+        if not p.props.get(S.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING):
+            return S.HV_STATUS_INVALID_PARTITION_STATE  # tracking is off
         acc = S.HV_GPA_PAGE_ACCESS_STATE_ACCESSED
         dirty = S.HV_GPA_PAGE_ACCESS_STATE_DIRTY
         states = p.__dict__.setdefault("access_states", {})
@@ -1076,7 +1089,9 @@ class Hypervisor:
         i = c.inp
         p = self._child(i.partition_id)
         if i.intercept_type != S.HV_INTERCEPT_TYPE_X64_CPUID:
-            return S.HV_STATUS_SUCCESS       # MSR results: accepted, not modelled
+            # only CPUID results have a layout in the spec and an effect in
+            # the model: MSR results (and any other type) are refused
+            return S.HV_STATUS_INVALID_PARAMETER
         prm = i.parameters
         key = (prm.input_eax, prm.input_ecx if prm.subleaf_specific else None)
         res = (prm.eax, prm.eax_mask, prm.ebx, prm.ebx_mask, prm.ecx, prm.ecx_mask, prm.edx, prm.edx_mask)
@@ -1470,16 +1485,37 @@ class Hypervisor:
         t = i.state_data.type
         if t not in spec.enum("hv_get_set_vp_state_type").values():
             return S.HV_STATUS_INVALID_PARAMETER
+        self._check_vtl(i.input_vtl)
+        sd = i.state_data
+        if t == S.HV_GET_SET_VP_STATE_XSAVE:
+            # the states must be ones the partition has, x87 and SSE included
+            have = p.props.get(S.HV_PARTITION_PROPERTY_XSAVE_STATES, 0)
+            if sd.xsave_states & ~have or sd.xsave_states & 3 != 3:
+                return S.HV_STATUS_INVALID_PARAMETER
+        elif sd.xsave_states or sd.xsave_flags:
+            return S.HV_STATUS_INVALID_PARAMETER
         if t == S.HV_GET_SET_VP_STATE_SYNTHETIC_TIMERS:
+            # the whole hv_synthetic_timers_state in the variable header (set),
+            # nothing there (get): a partial blob is refused
+            size = S.hv_synthetic_timers_state.SIZE
+            if len(c.varhead) != (0 if get else -(-size // 8) * 8):
+                return S.HV_STATUS_INVALID_PARAMETER
             if get:
-                blob = vp.vp_state.get(t, bytes(S.hv_synthetic_timers_state.SIZE))
+                blob = vp.vp_state.get(t, bytes(size))
                 c.out = S.hv_synthetic_timers_state.from_bytes(blob)
             else:
-                vp.vp_state[t] = bytes(c.varhead[:S.hv_synthetic_timers_state.SIZE]).ljust(
-                    S.hv_synthetic_timers_state.SIZE, b"\0")
+                vp.vp_state[t] = bytes(c.varhead[:size])
             return S.HV_STATUS_SUCCESS
         pfns = [int.from_bytes(c.varhead[k:k + 8], "little") for k in range(0, len(c.varhead), 8)]
-        if not pfns or any(not self.is_ram(x) for x in pfns):
+        size = S.PAGE_SIZE
+        if t == S.HV_GET_SET_VP_STATE_XSAVE:
+            size = p.props.get(S.HV_PARTITION_PROPERTY_MAX_XSAVE_DATA_SIZE, S.PAGE_SIZE)
+        if len(pfns) != -(-size // S.PAGE_SIZE):
+            return S.HV_STATUS_INVALID_PARAMETER       # one page per 4 KiB of state, no more
+        # the root's own pages only: not the hypervisor's (reserved, deposited,
+        # state pages) and not ones a child maps
+        if any(not self.is_ram(x) or self.in_reserved(x) or x in self.deposited
+               or x in self.provided_pages or self.mapped[x] for x in pfns):
             return S.HV_STATUS_INVALID_PARAMETER
         if get:
             blob = vp.vp_state.get(t)
@@ -1753,17 +1789,70 @@ class Hypervisor:
         self._apic_reg_write(vp, None, off, value, x2apic=True)
         return None
 
+    # The child VP's SynIC as its VMM set it through SetVpRegisters:
+    # SCONTROL.enable, SIMP/SIEFP (GPA 63:12, enable bit 0), SINTx (vector
+    # 7:0, masked bit 16). x86/TLFS bit positions.
+    _SINT_MASKED = 1 << 16
+
+    def _child_synic_page(self, vp, reg, sint, off):
+        """Root address of byte `off` of SINT `sint`'s area in the child
+        page `reg` (SIMP: 256-byte slots, SIEFP: 256-byte flag arrays), or
+        raise INVALID_SYNIC_STATE when the SynIC or that page is off or the
+        page is not mapped in the child."""
+        if not vp.reg(_r("HV_REGISTER_SCONTROL")) & 1:
+            raise HvError(S.HV_STATUS_INVALID_SYNIC_STATE)
+        v = vp.reg(_r(reg))
+        if not v & 1:
+            raise HvError(S.HV_STATUS_INVALID_SYNIC_STATE)
+        gpa = (v & ~0xFFF & U64) + sint * (S.PAGE_SIZE // SINT_COUNT) + off
+        e = vp.part.gpa.get(gpa >> 12)
+        if e is None or not self.is_ram(e[0]):
+            raise HvError(S.HV_STATUS_INVALID_SYNIC_STATE)
+        return (e[0] << 12) | (gpa & 0xFFF)
+
+    def _raise_sint(self, vp, sint, cpu):
+        sv = vp.reg(_r("HV_REGISTER_SINT0") + sint)
+        if not sv & self._SINT_MASKED and (sv & 0xFF) >= MIN_VECTOR:
+            self._apic_message(vp, A.DM_FIXED, sv & 0xFF, False, cpu)
+
     def _hc_signal_event_direct(self, c):
+        """Set one event flag in the target VP's SIEF page and raise its SINT."""
         i = c.inp
         p = self._child(i.target_partition)
-        self._vp(p, i.target_vp)
-        c.out = S.hv_output_signal_event_direct(newly_signaled=1)
+        vp = self._vp(p, i.target_vp)
+        if i.target_vtl or i.target_sint >= SINT_COUNT or i.flag_number >= EVENT_FLAGS_PER_SINT:
+            return S.HV_STATUS_INVALID_PARAMETER
+        addr = self._child_synic_page(vp, "HV_REGISTER_SIEFP", i.target_sint, i.flag_number // 8)
+        old = self.mem.read(addr, 1)[0]
+        bit = 1 << (i.flag_number % 8)
+        self.mem.write(addr, bytes([old | bit]))
+        newly = not old & bit
+        if newly:
+            self._raise_sint(vp, i.target_sint, c.cpu)
+        c.out = S.hv_output_signal_event_direct(newly_signaled=int(newly))
         return S.HV_STATUS_SUCCESS
 
     def _hc_post_message_direct(self, c):
+        """Write a message into the target VP's SIM slot and raise its SINT.
+        The message must be a guest message type (non-zero, MSB clear) with
+        at most a payload's worth of bytes; a full slot is INSUFFICIENT_BUFFERS."""
         i = c.inp
         p = self._child(i.partition_id)
-        self._vp(p, i.vp_index)
+        vp = self._vp(p, i.vp_index)
+        if i.vtl or i.sint_index >= SINT_COUNT:
+            return S.HV_STATUS_INVALID_PARAMETER
+        raw = bytes(i.message)
+        hdr = S.hv_message_header.from_bytes(raw[:S.hv_message_header.SIZE])
+        payload_max = S.hv_message.SIZE - S.hv_message_header.SIZE
+        if hdr.message_type == S.HVMSG_NONE or hdr.message_type & 0x80000000 \
+                or hdr.payload_size > payload_max:
+            return S.HV_STATUS_INVALID_PARAMETER
+        addr = self._child_synic_page(vp, "HV_REGISTER_SIMP", i.sint_index, 0)
+        if self.mem.read_u32(addr) != S.HVMSG_NONE:
+            return S.HV_STATUS_INSUFFICIENT_BUFFERS
+        self.mem.write(addr + 4, raw[4:S.hv_message.SIZE])
+        self.mem.write(addr, raw[:4])                 # the type goes last
+        self._raise_sint(vp, i.sint_index, c.cpu)
         return S.HV_STATUS_SUCCESS
 
     # ================================================================ ports and connections
@@ -2026,7 +2115,19 @@ class Hypervisor:
                                                 self._alloc_overlay(("sirbp", cpu)))
             elif enable:
                 self._ring_restart(cpu)
+            if enable and not s.enabled:
+                # messages queued while the SynIC was off are delivered now
+                s.enabled = True
+                for sint in list(s.queues):
+                    self._deliver(cpu, sint)
             return s.simp_pfn << 12, s.siefp_pfn << 12, s.sirbp_pfn << 12
+
+    def synic_disable(self, cpu):
+        """The root turned its SIMP or SINTs off: messages queue until the
+        next enable. (No hvsim op reports this yet; tests call it directly.)"""
+        with self._lock:
+            self.synic_pages(cpu)
+            self.synic[cpu].enabled = False
 
     def _slot(self, cpu, sint):
         self.synic_pages(cpu)
@@ -2043,6 +2144,8 @@ class Hypervisor:
     def _deliver(self, cpu, sint):
         s = self.synic[cpu]
         q = s.queues[sint]
+        if not s.enabled:
+            return                    # SIMP/SINT off: the message waits in the queue
         slot = self._slot(cpu, sint)
         flags_off = S.hv_message_header.OFFSETS["message_flags"]
         pend = S.hv_message_header.BITS["message_flags"]["msg_pending"][0]

@@ -29,6 +29,8 @@ class Root:
         # unit tests read scheduler kicks as VP_SIGNAL_PAIR unless they ask
         # for another form (test_model_strict.py covers BITSET and overflow)
         self.hv.kick_form = kick_form
+        for cpu in range(ncpus):       # the driver enables every CPU's SynIC at load
+            self.hv.synic_pages(cpu, enable=True)
         self._next_pool = POOL_BASE
         self._next_guest = GUEST_BASE
 
