@@ -276,6 +276,31 @@ def test_valid_register_values_are_accepted(root):
     assert root.set_regs(pid, 0, good) == (OK, len(good))
 
 
+# ---------------------------------------------------------------- creation flags
+NO_LAPIC = (S.HV_PARTITION_CREATION_FLAG_EXO_PARTITION
+            | S.HV_PARTITION_CREATION_FLAG_INTERCEPT_MESSAGE_PAGE_ENABLED)
+
+
+def test_interrupts_need_the_lapic_flag(root):
+    pid = root.new_guest(flags=NO_LAPIC)
+    inp = S.hv_input_assert_virtual_interrupt(partition_id=pid, control=S.HV_X64_INTERRUPT_TYPE_FIXED,
+                                              dest_addr=0, vector=0x30)
+    st = S.HV_STATUS_INVALID_PARTITION_STATE
+    assert root.st(S.HVCALL_ASSERT_VIRTUAL_INTERRUPT, inp) == st
+    assert root.fast(S.HVCALL_CLEAR_VIRTUAL_INTERRUPT, pid) == st
+    assert _vp_state(root, pid, S.HV_GET_SET_VP_STATE_LAPIC_STATE, root.guest_pages(1)) == st
+    assert _vp_state(root, pid, S.HV_GET_SET_VP_STATE_LAPIC_STATE, root.guest_pages(1), get=True) == st
+    pid = root.new_guest()
+    inp.partition_id = pid
+    assert root.st(S.HVCALL_ASSERT_VIRTUAL_INTERRUPT, inp) == OK
+
+
+def test_intercept_message_page_needs_its_flag(root):
+    pid = root.new_guest(flags=S.HV_PARTITION_CREATION_FLAG_LAPIC_ENABLED)
+    assert root.with_deposits(pid, lambda: _state_page(root, pid, S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE)) == P
+    assert root.with_deposits(pid, lambda: _state_page(root, pid, S.HV_VP_STATE_PAGE_REGISTERS)) == OK
+
+
 # ---------------------------------------------------------------- VP state shapes
 def _vp_state(root, pid, t, pfns, get=False, states=0, vh=None):
     cls = S.hv_input_get_vp_state if get else S.hv_input_set_vp_state

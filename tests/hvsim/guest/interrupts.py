@@ -23,6 +23,10 @@ CS, RSP = 1, 4
 libc = ctypes.CDLL(None, use_errno=True)
 
 
+# the hypervisor's APIC takes interrupts only in partitions created with it
+LAPIC = 1 << S.MSHV_PT_BIT_LAPIC
+
+
 def _handler(vector):
     return bytes([0xB0, vector, 0xE6, 0x80, 0xF4])     # mov $vector,%al; out %al,$0x80; hlt
 
@@ -30,7 +34,7 @@ def _handler(vector):
 def _guest(main, vectors=(VECTOR,)):
     """Real-mode guest at GPA 0: IVT entries for `vectors`, main code at MAIN."""
     mshv = open_mshv()
-    pt = Partition(mshv)
+    pt = Partition(mshv, flags=LAPIC)
     mem = GuestMemory(4 * PAGE)
     for k, v in enumerate(vectors):
         mem.write(v * 4, struct.pack("<HH", HANDLER + 16 * k, 0))
@@ -154,7 +158,7 @@ def test_signal_interrupts_a_halted_run():
 
 def test_assert_checks():
     mshv = open_mshv()
-    pt = Partition(mshv)
+    pt = Partition(mshv, flags=LAPIC)
     pt.vp(0)
     st, err = _assert_irq(pt, vector=5)
     assert st == S.HV_STATUS_INVALID_PARAMETER and err, (hex(st), err)

@@ -1379,6 +1379,9 @@ class Hypervisor:
         vp = self._vp(p, i.vp_index)
         if i.type not in (S.HV_VP_STATE_PAGE_REGISTERS, S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE):
             return S.HV_STATUS_INVALID_PARAMETER
+        if i.type == S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE and \
+                not p.flags & S.HV_PARTITION_CREATION_FLAG_INTERCEPT_MESSAGE_PAGE_ENABLED:
+            return S.HV_STATUS_INVALID_PARAMETER          # the partition has no such page
         if i.type in vp.state_pages:
             c.out = S.hv_output_map_location(map_location=vp.state_pages[i.type][0])
             return S.HV_STATUS_SUCCESS
@@ -1486,6 +1489,8 @@ class Hypervisor:
         if t not in spec.enum("hv_get_set_vp_state_type").values():
             return S.HV_STATUS_INVALID_PARAMETER
         self._check_vtl(i.input_vtl)
+        if t == S.HV_GET_SET_VP_STATE_LAPIC_STATE:
+            self._need_lapic(p)
         sd = i.state_data
         if t == S.HV_GET_SET_VP_STATE_XSAVE:
             # the states must be ones the partition has, x87 and SSE included
@@ -1562,9 +1567,19 @@ class Hypervisor:
         """Withdraw the partition's asserted ExtINT interrupts (the VMM's PIC
         dropped its output) that no VP has taken yet."""
         p = self._child(c.inp.partition_id)
+        self._need_lapic(p)
         for vp in p.vps.values():
             vp.apic.extint = None
         return S.HV_STATUS_SUCCESS
+
+    @staticmethod
+    def _need_lapic(p):
+        """Hyper-V emulates the local APIC only for partitions created with
+        LAPIC_ENABLED; without it there is no APIC to take an interrupt or
+        give its state. No status is documented: the model answers
+        INVALID_PARTITION_STATE."""
+        if not p.flags & S.HV_PARTITION_CREATION_FLAG_LAPIC_ENABLED:
+            raise HvError(S.HV_STATUS_INVALID_PARTITION_STATE)
 
     # ---------------------------------------------------------------- interrupts
     # physical destinations that mean "all APICs" (xAPIC and x2APIC broadcast)
@@ -1584,6 +1599,7 @@ class Hypervisor:
         mode); see docs/hvsim-model.md, "Interrupts"."""
         i = c.inp
         p = self._child(i.partition_id)
+        self._need_lapic(p)
         itype = i.bits("control", "interrupt_type")
         level = i.bits("control", "level_triggered")
         if i.target_vtl != 0:

@@ -112,7 +112,8 @@ class Root:
     # -------------------------------------------------------------- lifecycle
     def create_partition(self, flags=S.HV_PARTITION_CREATION_FLAG_GPA_SUPER_PAGES_ENABLED
                          | S.HV_PARTITION_CREATION_FLAG_EXO_PARTITION
-                         | S.HV_PARTITION_CREATION_FLAG_INTERCEPT_MESSAGE_PAGE_ENABLED):
+                         | S.HV_PARTITION_CREATION_FLAG_INTERCEPT_MESSAGE_PAGE_ENABLED
+                         | S.HV_PARTITION_CREATION_FLAG_LAPIC_ENABLED):
         """Like the driver: retry with one root page per INSUFFICIENT_MEMORY."""
         inp = S.hv_input_create_partition(flags=flags, compatibility_version=S.HV_COMPATIBILITY_21_H2)
         for _ in range(64):
