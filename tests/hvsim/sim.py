@@ -209,4 +209,7 @@ class Simulator:
             "creation_flags": {pid: st["partitions"][pid]["flags"] for pid in kids},
             "calls": st["calls"],
             "statuses": st["statuses"],
+            # scheduler kicks sent, by form (pair, bitset, overflow, *_merged)
+            "kicks": st["kicks"],
+            "scheduler": st["scheduler"],
         }

@@ -12,7 +12,7 @@ import threading
 import time
 
 import mshv_spec as S
-from mshvlib import GuestMemory, Partition, open_mshv, run_tests
+from mshvlib import GuestMemory, Partition, open_mshv, run_tests, sim_control, sim_query
 
 PAGE = 4096
 VECTOR = 0x30
@@ -98,6 +98,37 @@ def test_interrupt_wakes_a_halted_guest():
     _check_handler_exit(msg, mem)                       # IP after the HLT
     pt.close()
     os.close(mshv)
+
+
+def test_every_kick_form_wakes_a_halted_guest():
+    """Root scheduler: the hypervisor kicks a halted VP with VP_SIGNAL_PAIR,
+    VP_SIGNAL_BITSET, or a BITSET whose overflow names no VP (the driver
+    must then kick every VP of the partition). Each form must wake the run."""
+    def stuck(*_a):
+        raise TimeoutError("the kick did not wake the run")
+    old = signal.signal(signal.SIGALRM, stuck)
+    try:
+        for form in ("pair", "bitset", "overflow"):
+            sim_control(f"kick_form {form}")
+            before = sim_query()["kicks"].get(form, 0)
+            mshv, pt, mem, vp = _guest(STI_HLT)
+            got = []
+            th = _assert_later(pt, 0.3, got)
+            signal.setitimer(signal.ITIMER_REAL, 20)
+            try:
+                msg = vp.run()
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                th.join(30)
+            _check_handler_exit(msg, mem)
+            q = sim_query()
+            if q["scheduler"] == "root":
+                assert q["kicks"].get(form, 0) > before, (form, q["kicks"])
+            pt.close()
+            os.close(mshv)
+    finally:
+        sim_control("kick_form random")
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_interrupt_reaches_a_running_guest():
