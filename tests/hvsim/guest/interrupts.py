@@ -112,20 +112,22 @@ def test_every_kick_form_wakes_a_halted_guest():
             sim_control(f"kick_form {form}")
             before = sim_query()["kicks"].get(form, 0)
             mshv, pt, mem, vp = _guest(STI_HLT)
-            got = []
-            th = _assert_later(pt, 0.3, got)
-            signal.setitimer(signal.ITIMER_REAL, 20)
             try:
-                msg = vp.run()
+                got = []
+                th = _assert_later(pt, 0.3, got)
+                signal.setitimer(signal.ITIMER_REAL, 20)
+                try:
+                    msg = vp.run()
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    th.join(30)
+                _check_handler_exit(msg, mem)
+                q = sim_query()
+                if q["scheduler"] == "root":
+                    assert q["kicks"].get(form, 0) > before, (form, q["kicks"])
             finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                th.join(30)
-            _check_handler_exit(msg, mem)
-            q = sim_query()
-            if q["scheduler"] == "root":
-                assert q["kicks"].get(form, 0) > before, (form, q["kicks"])
-            pt.close()
-            os.close(mshv)
+                pt.close()              # a lost kick must not leave the VP to the next test
+                os.close(mshv)
     finally:
         sim_control("kick_form random")
         signal.signal(signal.SIGALRM, old)
