@@ -168,13 +168,16 @@ def test_create_vp_deposits_contiguous_memory():
     before = _status_count("HV_STATUS_INSUFFICIENT_CONTIGUOUS_MEMORY")
     deposits = sim_query()["calls"].get("deposit_memory", 0)
     sim_control("contiguous_next create_vp")
-    vp = pt.vp(0)
-    vp.set_regs([(S.HV_X64_REGISTER_RAX, 1)])
-    assert _status_count("HV_STATUS_INSUFFICIENT_CONTIGUOUS_MEMORY") == before + 1
-    # the up-front deposit, then one chunk (not thousands of single pages)
-    assert sim_query()["calls"]["deposit_memory"] <= deposits + 3
-    pt.close()
-    os.close(mshv)
+    try:
+        vp = pt.vp(0)
+        vp.set_regs([(S.HV_X64_REGISTER_RAX, 1)])
+        assert _status_count("HV_STATUS_INSUFFICIENT_CONTIGUOUS_MEMORY") == before + 1
+        # the up-front deposit, then one chunk (not thousands of single pages)
+        assert sim_query()["calls"]["deposit_memory"] <= deposits + 3
+    finally:
+        sim_control("reset")            # an unsatisfied request must not outlive the test
+        pt.close()
+        os.close(mshv)
 
 
 def test_create_vp_deposits_contiguous_root_memory():
@@ -182,10 +185,13 @@ def test_create_vp_deposits_contiguous_root_memory():
     pt = Partition(mshv)
     before = _status_count("HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY")
     sim_control("contiguous_next create_vp root")
-    pt.vp(0)
-    assert _status_count("HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY") == before + 1
-    pt.close()
-    os.close(mshv)
+    try:
+        pt.vp(0)
+        assert _status_count("HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY") == before + 1
+    finally:
+        sim_control("reset")
+        pt.close()
+        os.close(mshv)
 
 
 def test_create_vp_deposits_into_the_root_on_insufficient_root_memory():

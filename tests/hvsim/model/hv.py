@@ -473,6 +473,7 @@ class Hypervisor:
             self._faults.clear()
             self._delays.clear()
             self.rep_limit.clear()
+            self._contig.clear()
 
     # ================================================================ introspection
     def stats(self):
