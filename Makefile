@@ -27,7 +27,7 @@ ifneq ($(wildcard gen/PREGENERATED),)
 GEN_STAMP :=
 endif
 
-.PHONY: all modules generate clean dist headers_install run check debian-modules setup mutate
+.PHONY: all modules generate clean dist headers_install run check debian-modules setup mutate bench
 
 all: modules
 
@@ -83,6 +83,9 @@ run: setup
 check: setup
 	@$(MAKE) --no-print-directory PYTHON=$(VENV)/bin/python generate
 	@$(VENV)/bin/python -m pytest tests -q -ra
+
+bench: setup
+	@$(VENV)/bin/python tests/hvsim/bench.py $(BENCH_FLAGS)
 
 mutate: setup
 	@$(MAKE) --no-print-directory PYTHON=$(VENV)/bin/python generate

@@ -9,7 +9,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
 
 pkgs=(gcc g++ make binutils kmod sparse python3 python3-venv python3-yaml python3-jsonschema
-      qemu-system-x86 busybox-static cpio xz-utils zstd)
+      qemu-system-x86 busybox-static cpio xz-utils zstd cmake ninja-build patch)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -56,4 +56,8 @@ if [ ! -x .venv/bin/python ] || ! cmp -s "$req" .venv/.requirements 2>/dev/null;
 else
 	say "Python venv .venv up to date"
 fi
+
+# The patched Unicorn that hvsim runs child VPs on (built once, cached).
+say "patched Unicorn for hvsim (scripts/build-unicorn.sh)"
+PYTHON=.venv/bin/python scripts/build-unicorn.sh | sed 's/^/setup: /'
 say "kernels to build for: $(scripts/kernels.sh | xargs)"

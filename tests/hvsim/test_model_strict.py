@@ -388,7 +388,7 @@ def _post(root, pid, mtype=0x1234, size=8, sint=3, payload=b"hello!!!"):
 def test_post_message_direct_writes_the_slot(root):
     pid = root.new_guest()
     assert _post(root, pid) == S.HV_STATUS_INVALID_SYNIC_STATE
-    _child_synic(root, pid, masked=True)
+    _child_synic(root, pid)
     assert _post(root, pid, sint=16) == P
     assert _post(root, pid, mtype=0) == P                                # HVMSG_NONE
     assert _post(root, pid, mtype=0x80000001) == P                       # hypervisor's types
@@ -397,8 +397,20 @@ def test_post_message_direct_writes_the_slot(root):
     slot = (SYNIC_GFN << 12) + 3 * 256
     assert struct.unpack("<I", root.gread(pid, slot, 4))[0] == 0x1234
     assert root.gread(pid, slot + 16, 8) == b"hello!!!"
-    assert not root.hv.partitions[pid].vps[0].apic.irr >> 0x40 & 1       # SINT masked
+    assert root.hv.partitions[pid].vps[0].apic.irr >> 0x40 & 1           # the SINT is raised
     assert _post(root, pid) == S.HV_STATUS_INSUFFICIENT_BUFFERS          # slot still full
+
+
+def test_post_message_direct_to_a_masked_sint_waits(root):
+    pid = root.new_guest()
+    _child_synic(root, pid, masked=True)
+    assert _post(root, pid) == OK
+    slot = (SYNIC_GFN << 12) + 3 * 256
+    assert struct.unpack("<I", root.gread(pid, slot, 4))[0] == S.HVMSG_NONE   # held back
+    assert not root.hv.partitions[pid].vps[0].apic.irr >> 0x40 & 1
+    assert _post(root, pid) == S.HV_STATUS_INSUFFICIENT_BUFFERS          # one is waiting
+    assert root.set_regs(pid, 0, [(R.HV_REGISTER_SINT0 + 3, 0x40)])[0] == OK   # unmasked: delivered
+    assert struct.unpack("<I", root.gread(pid, slot, 4))[0] == 0x1234
 
 
 def test_register_intercept_result_refuses_other_types(root):

@@ -368,3 +368,17 @@ def test_finalize_stops_vps_and_frees_state_pages(core):
     assert core.fast(S.HVCALL_FINALIZE_PARTITION, pid) == S.HV_STATUS_SUCCESS
     assert core.hv.stats()["overlay_used"] == used - 1
     assert core.hv.stats()["partitions"][pid]["used"] == 0
+
+
+def test_intermediate_control_registers_are_the_guests_own(root):
+    """Cloud Hypervisor sets a guest's CR0/CR3/CR4 through the INTERMEDIATE_*
+    names; without nested virtualization they are the same registers."""
+    pid = root.new_guest()
+    R = S
+    pairs = [(R.HV_X64_REGISTER_INTERMEDIATE_CR0, 0x80000011), (R.HV_X64_REGISTER_INTERMEDIATE_CR3, 0x10000),
+             (R.HV_X64_REGISTER_INTERMEDIATE_CR4, 0x20), (R.HV_X64_REGISTER_INTERMEDIATE_CR8, 5)]
+    assert root.set_regs(pid, 0, pairs)[0] == S.HV_STATUS_SUCCESS
+    assert root.get_regs(pid, 0, [R.HV_X64_REGISTER_CR0, R.HV_X64_REGISTER_CR3, R.HV_X64_REGISTER_CR4,
+                                  R.HV_X64_REGISTER_CR8]) == [0x80000011, 0x10000, 0x20, 5]
+    assert root.set_regs(pid, 0, [(R.HV_X64_REGISTER_CR4, 0x620)])[0] == S.HV_STATUS_SUCCESS
+    assert root.get_regs(pid, 0, [R.HV_X64_REGISTER_INTERMEDIATE_CR4]) == [0x620]

@@ -4,8 +4,14 @@ IVT (real mode) or IDT (protected and long mode).
 What is modelled (see docs/hvsim-model.md, "Interrupts"):
 
 - IRR, ISR and TMR (256 bits each, as Python ints), TPR (also CR8), PPR, and a
-  register file for the rest of the APIC page (LVTs, SVR, ICR, timer
-  registers: stored and read back, the timer does not count);
+  register file for the rest of the APIC page (LVTs, SVR, ICR);
+- the APIC timer: one-shot, periodic and TSC-deadline modes, initial and
+  current count, divide configuration. It counts at `timer_host.apic_hz`
+  (the APIC_FREQUENCY MSR) divided by the divide configuration; the
+  platform (platform.py) supplies the clock and arms the deadline on its
+  timer thread, whose expiry comes back here (timer_expired) and is accepted
+  like any other FIXED interrupt. Without a timer host (no platform) the
+  registers are stored and the timer does not count;
 - acceptance of FIXED/LOWESTPRIORITY vectors (IRR, TMR = level), delivery of
   the highest IRR vector whose priority class is above PPR (IRR -> ISR), EOI
   clearing the highest ISR bit (a level-triggered vector's EOI is reported
@@ -54,6 +60,8 @@ APIC_VERSION_VALUE = 0x00050014      # integrated APIC, version 0x14, 6 LVT entr
 LVT_MASKED = 1 << 16
 LVT_LEVEL = 1 << 15
 APIC_BASE_EXTD, APIC_BASE_ENABLE = 1 << 10, 1 << 11
+# LVT timer mode (bits 18:17)
+TIMER_ONESHOT, TIMER_PERIODIC, TIMER_TSC_DEADLINE = 0, 1, 2
 # ICR / LVT delivery modes (bits 10:8)
 DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_SIPI, DM_EXTINT = 0, 1, 2, 4, 5, 6, 7
 LVTS = (APIC_LVT_CMCI, APIC_LVT_TIMER, APIC_LVT_THERMAL, APIC_LVT_PERF, APIC_LVT_LINT0,
@@ -84,6 +92,9 @@ class LocalApic:
         self.apic_id = apic_id
         self.delivered = []       # history (vector per delivery), for tests and reports
         self.halted = False       # HLT with IF=1 executed, waiting for an interrupt
+        self.timer_host = None    # platform.py: apic_hz, now_ns(), tsc_to_ns(), arm(deadline_ns|None)
+        self.timer_fired = 0      # timer expirations (for tests and reports)
+        self.auto_eoi = 0         # vectors taken without entering ISR (SynIC SINTs with AutoEOI)
         self.reset()
 
     def reset(self):
@@ -103,6 +114,8 @@ class LocalApic:
         self.init_pending = False # INIT accepted while the VP ran: applied at the next boundary
         self.sipi_pending = None  # SIPI vector accepted, applied with the INIT state
         self.halted = False
+        self._timer_stop()
+        self.tsc_deadline = 0     # IA32_TSC_DEADLINE (0: disarmed)
 
     # ------------------------------------------------------------ priorities
     @staticmethod
@@ -152,10 +165,11 @@ class LocalApic:
         self.tmr = (self.tmr | bit) if level else (self.tmr & ~bit)
 
     def take(self, vector):
-        """The CPU acknowledges `vector`: IRR -> ISR."""
+        """The CPU acknowledges `vector`: IRR -> ISR (not for an AutoEOI vector)."""
         bit = 1 << vector
         self.irr &= ~bit
-        self.isr |= bit
+        if not self.auto_eoi & bit:
+            self.isr |= bit
 
     def eoi(self):
         """EOI: clear the highest ISR bit. Returns (vector, level) or None."""
@@ -179,6 +193,8 @@ class LocalApic:
             return self.tpr
         if off == APIC_PPR:
             return self.ppr()
+        if off == APIC_TIMER_CCR:
+            return self.timer_current_count()
         if off == APIC_LDR and x2apic:
             # x2APIC logical ID, derived from the x2APIC ID (cluster, bit)
             return ((self.apic_id >> 4) << 16) | (1 << (self.apic_id & 0xF))
@@ -200,10 +216,97 @@ class LocalApic:
             return "self_ipi"
         if off in _READ_ONLY or APIC_ISR <= off < APIC_IRR + 0x80:
             return None                         # read-only: the write is dropped
+        if off == APIC_LVT_TIMER:
+            old = self.timer_mode()
+            self.regs[off] = value
+            if self.timer_mode() != old:        # a mode change disarms the timer
+                self._timer_stop()
+                self.tsc_deadline = 0
+            return None
+        if off == APIC_TIMER_ICR:
+            self.regs[off] = value
+            self._timer_start_count()
+            return None
         if off in LVTS or off in self.regs:
             self.regs[off] = value
             return "icr" if off == APIC_ICR_LOW else None
         return None
+
+    # ------------------------------------------------------------ the timer
+    def timer_mode(self):
+        return (self.regs.get(APIC_LVT_TIMER, LVT_MASKED) >> 17) & 3
+
+    def timer_divisor(self):
+        """Divide configuration (bits 0, 1, 3): 2, 4, ..., 128, or 1 for 0b111."""
+        dcr = self.regs.get(APIC_TIMER_DCR, 0)
+        v = ((dcr >> 1) & 4) | (dcr & 3)
+        return 1 if v == 7 else 2 << v
+
+    def _ticks_ns(self, ticks):
+        h = self.timer_host
+        return ticks * self.timer_divisor() * 1_000_000_000 // h.apic_hz
+
+    def _timer_stop(self):
+        self._t_start = None      # monotonic ns the current count started at
+        self._t_period = 0        # ns per full count
+        self._t_icr = 0
+        if getattr(self, "timer_host", None) is not None:
+            self.timer_host.arm(None)
+
+    def _timer_start_count(self):
+        """A write to the initial-count register (one-shot/periodic modes)."""
+        h = self.timer_host
+        if self.timer_mode() == TIMER_TSC_DEADLINE or h is None:
+            return                              # ignored in TSC-deadline mode
+        icr = self.regs.get(APIC_TIMER_ICR, 0)
+        self._timer_stop()
+        if icr == 0:
+            return                              # a zero count stops the timer
+        self._t_icr = icr
+        self._t_start = h.now_ns()
+        self._t_period = max(1, self._ticks_ns(icr))
+        h.arm(self._t_start + self._t_period)
+
+    def timer_current_count(self):
+        h = self.timer_host
+        if h is None or self._t_start is None or self.timer_mode() == TIMER_TSC_DEADLINE:
+            return 0
+        elapsed = (h.now_ns() - self._t_start) * h.apic_hz // (self.timer_divisor() * 1_000_000_000)
+        if self.timer_mode() == TIMER_PERIODIC:
+            return self._t_icr - (elapsed % self._t_icr)
+        return max(0, self._t_icr - elapsed)
+
+    def timer_write_tsc_deadline(self, value):
+        """WRMSR IA32_TSC_DEADLINE: ignored outside TSC-deadline mode; 0 disarms."""
+        h = self.timer_host
+        if self.timer_mode() != TIMER_TSC_DEADLINE or h is None:
+            return
+        self.tsc_deadline = value
+        h.arm(None if value == 0 else h.tsc_to_ns(value))
+
+    def timer_expired(self, now_ns):
+        """The armed deadline passed (platform timer thread, model lock held).
+        Re-arms a periodic count. Returns the vector to accept, or None when
+        the LVT entry is masked."""
+        h = self.timer_host
+        mode = self.timer_mode()
+        if mode == TIMER_TSC_DEADLINE:
+            if not self.tsc_deadline:
+                return None
+            self.tsc_deadline = 0
+        elif self._t_start is None:
+            return None
+        elif mode == TIMER_PERIODIC:
+            n = max(1, (now_ns - self._t_start) // self._t_period)
+            self._t_start += n * self._t_period     # missed periods are dropped
+            h.arm(self._t_start + self._t_period)
+        else:
+            self._t_start = None
+        self.timer_fired += 1
+        lvt = self.regs.get(APIC_LVT_TIMER, LVT_MASKED)
+        if lvt & LVT_MASKED or (lvt & 0xFF) < MIN_VECTOR:
+            return None
+        return lvt & 0xFF
 
     # ------------------------------------------------------------ LAPIC VP state blob
     STATE_REGS = (APIC_TPR, APIC_LDR, APIC_DFR, APIC_SVR, APIC_ESR, APIC_ICR_LOW, APIC_ICR_HIGH,

@@ -1,32 +1,40 @@
-"""Run one child VP on Unicorn (unicorn==2.1.4).
+"""Run one child VP on the patched Unicorn (see ucx.py).
 
-The VP's architectural state lives in the model's register file (a dict of
-hv register name -> 128-bit value, see hv.py); an Engine loads it into a
-per-VP Unicorn instance before running and stores it back afterwards.
+The VP's architectural state lives in the model's register file (a CpuState,
+see hv.py); an Engine loads it into a per-VP Unicorn instance before running
+and stores it back afterwards. Only what changed since the last store is
+written back, and translated code is kept across runs, so an exit and
+re-entry costs tens of microseconds, not a retranslation.
 
-Unicorn 2.1.4's register API cannot set hidden segment state (in UC_MODE_64
-writing CS/DS/ES/SS only changes the selector), so the engine patches the
-segment caches and the hflags bits QEMU derives from them directly in a saved
-CPU context (CPUX86State). The layout of that context is discovered and
-verified at start-up (_CtxLayout); a mismatch raises instead of silently
-running with a wrong state.
+Nothing is hooked per instruction. Unicorn runs in full-system mode: SYSCALL,
+privilege changes, exceptions and interrupts behave as on hardware, through
+the guest's own GDT/IDT/TSS. These leave the guest (ucx "exits"), with RIP at
+the instruction and nothing of it done:
 
-Intercepts are found by a UC_HOOK_CODE hook that looks at each instruction
-BEFORE it executes (IN/OUT/INS/OUTS, HLT, CPUID, RDMSR/WRMSR) and stops with
-RIP at the instruction and no effect applied; memory intercepts come from the
-UNMAPPED/PROT memory hooks (the address Unicorn passes there is the GPA). A
-write the hypervisor takes (a doorbell) completes into a scratch page mapped
-for that one instruction; MOV CR8 is emulated (CR8 is the APIC's TPR).
+- IN/OUT/INS/OUTS, CPUID, RDMSR/WRMSR, HLT, VMCALL/VMMCALL, MOV CR8 (after
+  the CPU's own privilege checks: RDMSR at CPL 3 is a #GP in the guest);
+- accesses to unmapped or protected GPAs (memory hooks, which only run on
+  such a fault);
+- exceptions whose vector the partition intercepts (the exit bitmap);
+- a triple fault;
+- the interrupt window the model asked for, and kicks (from any thread:
+  stop requests, new interrupts, the time slice's end).
+
+CPUID, MSR and VMCALL exits go to the hypervisor's decide() first, which may
+answer them itself (the instruction is completed here and the guest goes on)
+or turn them into intercepts. Events the hypervisor injects (external
+interrupts, NMIs, exceptions) are delivered by the CPU at the next entry.
 """
 
-import struct
+import threading
+import heapq
 import time
 
-from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_READ, UC_PROT_WRITE,
-                     UC_PROT_EXEC, UC_HOOK_CODE, UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_PROT,
-                     UC_HOOK_INTR, UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED,
-                     UC_MEM_FETCH_UNMAPPED, UC_MEM_READ_PROT, UC_MEM_WRITE_PROT,
-                     UC_MEM_FETCH_PROT, UC_ERR_INSN_INVALID)
+from . import ucx
+from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_HOOK_MEM_UNMAPPED, UC_HOOK_MEM_PROT,
+                     UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE,
+                     UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MEM_FETCH_UNMAPPED,
+                     UC_MEM_READ_PROT, UC_MEM_WRITE_PROT, UC_MEM_FETCH_PROT)
 from unicorn import x86_const as X
 
 # x86 architectural bits (not hypervisor ABI, so not in the TLFS bindings)
@@ -35,10 +43,8 @@ CR4_PSE, CR4_PAE = 1 << 4, 1 << 5
 EFER_LME, EFER_LMA = 1 << 8, 1 << 10
 MSR_EFER = 0xC0000080
 RFLAGS_IF = 1 << 9
-# QEMU segment-cache flag bits (descriptor high dword) and hflags bits
+# QEMU segment-cache flag bits (descriptor high dword)
 DESC_DPL_SHIFT, DESC_B, DESC_L = 13, 1 << 22, 1 << 21
-HF_CPL_MASK, HF_CS32, HF_SS32, HF_ADDSEG, HF_PE, HF_LMA, HF_CS64 = 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7, 1 << 14, 1 << 15
-HF_VM = 1 << 17
 
 GPR_UC = [X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RBX,
           X.UC_X86_REG_RSP, X.UC_X86_REG_RBP, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
@@ -47,14 +53,19 @@ GPR_UC = [X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RBX
 XMM_UC = [getattr(X, "UC_X86_REG_XMM%d" % i) for i in range(16)]
 DR_UC = [X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3,
          X.UC_X86_REG_DR6, X.UC_X86_REG_DR7]
+CR_UC = [X.UC_X86_REG_CR0, X.UC_X86_REG_CR2, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4]
 # MSR-like registers kept inside Unicorn (hv register suffix -> MSR index)
 NATIVE_MSRS = {"STAR": 0xC0000081, "LSTAR": 0xC0000082, "CSTAR": 0xC0000083,
                "SFMASK": 0xC0000084, "KERNEL_GS_BASE": 0xC0000102,
                "SYSENTER_CS": 0x174, "SYSENTER_ESP": 0x175, "SYSENTER_EIP": 0x176,
                "PAT": 0x277}
 
-IO_OPS = {0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF, 0x6C, 0x6D, 0x6E, 0x6F}
 PREFIXES = {0x66, 0x67, 0xF2, 0xF3, 0xF0, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65}
+# the instructions that exit, by what the model needs of them
+EXIT_INSNS = (ucx.EXIT_INSN_IO | ucx.EXIT_INSN_CPUID | ucx.EXIT_INSN_MSR | ucx.EXIT_INSN_HLT
+              | ucx.EXIT_INSN_VMCALL | ucx.EXIT_INSN_CR8)
+# Default TSC frequency when the hypervisor does not set hv.tsc_hz.
+DEFAULT_TSC_HZ = 1_000_000_000
 
 U64 = (1 << 64) - 1
 
@@ -68,58 +79,11 @@ def flags_to_attr(flags):
     return ((flags >> 8) & 0xFF) | (((flags >> 20) & 0xF) << 12)
 
 
-class _CtxLayout:
-    """Offsets inside a Unicorn x86 context blob (uc_context header + CPUX86State),
-    found with marker values and verified, once per process."""
-
-    _cached = None
-
-    @classmethod
-    def get(cls):
-        if cls._cached is None:
-            cls._cached = cls()
-        return cls._cached
-
-    def __init__(self):
-        import ctypes
-        uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        uc.reg_write(X.UC_X86_REG_CR0, 0x10)
-        uc.reg_write(X.UC_X86_REG_RAX, 0x1122334455667788)
-        uc.reg_write(X.UC_X86_REG_RCX, 0x99AABBCCDDEEFF01)
-        uc.reg_write(X.UC_X86_REG_FS, 0x1234)          # real-mode load: base 0x12340
-        uc.reg_write(X.UC_X86_REG_GS, 0x2345)
-        uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, 0xD01))
-        ctx = uc.context_save()
-        ptr = ctypes.cast(ctx.context, ctypes.c_void_p).value
-        raw = ctypes.string_at(ptr, ctx.size)   # uc_context header + CPU state
-        self.data = raw.find(struct.pack("<QQ", 0x1122334455667788, 0x99AABBCCDDEEFF01))
-        if self.data < 0:
-            raise RuntimeError("unicorn context layout: registers not found")
-        d = raw[self.data:]
-        self.eip, self.hflags, self.segs = 128, 176, 184
-        self.seg_size = 24   # SegmentCache {u32 selector; pad; u64 base; u32 limit; u32 flags}
-        fs = struct.unpack_from("<IIQII", d, self.segs + 4 * self.seg_size)
-        gs = struct.unpack_from("<IIQII", d, self.segs + 5 * self.seg_size)
-        if fs[0] != 0x1234 or fs[2] != 0x12340 or gs[0] != 0x2345 or gs[2] != 0x23450:
-            raise RuntimeError("unicorn context layout: segment caches not where expected")
-        self.efer = None
-        for off in range(self.segs, min(len(d) - 8, 2048), 8):
-            if struct.unpack_from("<Q", d, off)[0] == 0xD01:
-                self.efer = off
-                break
-        if self.efer is None:
-            raise RuntimeError("unicorn context layout: EFER not found")
-        # bytes patched by Engine.load: everything up to and including EFER
-        self.size = self.efer + 8
-        if self.data + self.size > ctx.size:
-            raise RuntimeError("unicorn context layout: context too small")
-
-
 class Exit:
-    """Why a run stopped. kind: io, halt, memory, cpuid, msr, exception,
-    unrecoverable, preempt, stopped, interrupt (an interrupt is deliverable at
-    this boundary; hv.py delivers it and re-enters), blocked (hv.py only: HLT
-    with IF=1 and nothing pending)."""
+    """Why a run stopped. kind: io, halt, memory, cpuid, msr, vmcall, exception,
+    unrecoverable, preempt, stopped, interrupt (an interrupt can be taken at
+    this boundary; hv.py queues it with Engine.inject and re-enters), blocked
+    (hv.py only: HLT with IF=1 and nothing pending)."""
 
     def __init__(self, kind, **kw):
         self.kind = kind
@@ -129,33 +93,111 @@ class Exit:
         return "Exit(%s)" % ", ".join("%s=%r" % kv for kv in self.__dict__.items())
 
 
+class _Kicker:
+    """One thread that kicks engines whose time slice has ended."""
+
+    def __init__(self):
+        self._heap = []
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._thread = None
+
+    def arm(self, deadline, engine):
+        with self._cond:
+            self._seq += 1
+            token = self._seq
+            earliest = self._heap[0][0] if self._heap else None
+            heapq.heappush(self._heap, (deadline, token, engine))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True, name="hvsim-kicker")
+                self._thread.start()
+            if earliest is None or deadline < earliest:
+                self._cond.notify()     # otherwise the thread wakes before this one is due
+            return token
+
+    def _loop(self):
+        with self._cond:
+            while True:
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, token, engine = self._heap[0]
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+                if engine.slice_token == token:
+                    engine.kick()
+
+
+_KICKER = _Kicker()
+
+
 class Engine:
     """A Unicorn instance bound to one VP of one partition."""
 
     def __init__(self, hv, part, vp):
-        import ctypes
-        self._ctypes = ctypes
         self.hv, self.part, self.vp = hv, part, vp
-        self.lay = _CtxLayout.get()
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        # Unicorn's 64-bit mode starts with EFER.LMA set and paging off, which
+        # no CPU can be in; a PG 1 -> 0 transition clears LMA as on hardware,
+        # after which CR0/EFER writes keep LMA = CR0.PG && EFER.LME.
+        self.uc.reg_write(X.UC_X86_REG_CR0, CR0_PG | CR0_PE | 0x10)
+        self.uc.reg_write(X.UC_X86_REG_CR0, 0x10)
+        self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, 0))
+        if self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER) & EFER_LMA:
+            raise RuntimeError("unicorn: EFER.LMA stuck after leaving paging")
+        ucx.set_system_mode(self.uc, True)
+        ucx.set_exit_insns(self.uc, EXIT_INSNS)
+        self.exc_bitmap = None
+        self.tsc_hz = getattr(hv, "tsc_hz", None) or DEFAULT_TSC_HZ
+        ucx.set_tsc(self.uc, self.tsc_hz, -self.tsc_hz * getattr(part, "tsc_base_ns", 0) // 10 ** 9)
         self.map_gen = -1
         self.regions = []
-        self.uc.hook_add(UC_HOOK_CODE, self._on_code)
+        self.loaded = None          # the CpuState Unicorn holds, as last loaded or stored
+        self.code_check = None      # (page gpa, bytes) at the last exit: root rewrites of code
+        self.slice_token = 0
+        self.count = 0
+        self.runs = 0
+        self.exits = {}
+        self._event = None          # (kind, vector, error_code) to inject at the next entry
         self.uc.hook_add(UC_HOOK_MEM_UNMAPPED | UC_HOOK_MEM_PROT, self._on_mem)
-        self.uc.hook_add(UC_HOOK_INTR, self._on_intr)
+        self.rf = ucx.RegFile(GPR_UC + [X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS] + CR_UC + DR_UC,
+                              XMM_UC, [MSR_EFER] + list(NATIVE_MSRS.values()),
+                              [X.UC_X86_REG_GDTR, X.UC_X86_REG_IDTR, X.UC_X86_REG_LDTR, X.UC_X86_REG_TR])
 
     def close(self):
-        try:
-            self.uc.release_handle()
-        except Exception:
-            pass
+        self.slice_token = 0
+        ucx.release(self.uc)
+
+    def kick(self):
+        """Thread-safe: make a running engine stop at the next block boundary
+        and re-check should_stop(), irq_pending() and its deadline. A kick
+        while nothing runs ends the next run's first block at once."""
+        ucx.kick(self.uc)
+
+    def tsc(self):
+        """The guest's TSC now (what RDTSC returns, before TSC_AUX/offsets the guest wrote)."""
+        return time.monotonic_ns() * self.tsc_hz // 10 ** 9 - \
+            self.tsc_hz * getattr(self.part, "tsc_base_ns", 0) // 10 ** 9
+
+    def inject(self, kind, vector, error_code=None):
+        """Queue an event for the next entry: kind is 'interrupt' (the caller
+        checked RFLAGS.IF and the shadow), 'nmi' or 'exception'. The CPU
+        delivers it through the IDT/IVT before the next instruction."""
+        k = {"interrupt": ucx.INJECT_INTERRUPT, "nmi": ucx.INJECT_NMI,
+             "exception": ucx.INJECT_EXCEPTION}[kind]
+        if self._event is not None:
+            raise RuntimeError("an event is already queued for injection")
+        self._event = (k, vector, -1 if error_code is None else error_code)
 
     # ------------------------------------------------------------ memory
     def sync_maps(self):
         """(Re)map the partition's GPA space when it changed since last run."""
         part = self.part
         if self.map_gen == part.map_gen:
-            return
+            return False
         for base, size in self.regions:
             self.uc.mem_unmap(base, size)
         self.regions = []
@@ -177,7 +219,16 @@ class Engine:
             self.uc.mem_map_ptr(gfn << 12, n << 12, prot, ram.host_pointer(pfn << 12))
             self.regions.append((gfn << 12, n << 12))
         self.map_gen = part.map_gen
+        self._flush()
+        self.code_check = None
+        return True
+
+    def _flush(self):
+        """Drop all translations, and the TLB with them: a translation flush
+        alone, with TLB entries kept, left the kernel's decompressor running
+        on corrupt state (tests/hvsim/unicorn/README.md)."""
         self.uc.ctl_flush_tb()
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     def gpa_read(self, gpa, n):
         """Read child GPA bytes through the partition map (None if unmapped)."""
@@ -262,409 +313,465 @@ class Engine:
         return out
 
     # ------------------------------------------------------------ state
-    def _ctx(self):
-        ctx = self.uc.context_save()
-        ptr = self._ctypes.cast(ctx.context, self._ctypes.c_void_p).value + self.lay.data
-        return ctx, ptr
-
     def load(self, st):
-        """Load a CpuState (hv.py) into Unicorn."""
+        """Load a CpuState (hv.py) into Unicorn: only what differs from what
+        Unicorn holds (the last load or store)."""
         uc = self.uc
         w = uc.reg_write
-        w(X.UC_X86_REG_CR0, 0x10)                       # paging off: leaves long mode
-        w(X.UC_X86_REG_MSR, (MSR_EFER, st.efer & ~EFER_LMA))
-        w(X.UC_X86_REG_CR4, st.cr4)
-        w(X.UC_X86_REG_CR3, st.cr3)
-        w(X.UC_X86_REG_CR0, st.cr0)                     # PG+LME+PAE -> QEMU sets LMA
-        w(X.UC_X86_REG_CR2, st.cr2)
-        w(X.UC_X86_REG_CR8, st.cr8)
-        for r, v in zip(GPR_UC, st.gpr):
-            w(r, v)
-        w(X.UC_X86_REG_RFLAGS, st.rflags)
-        for r, v in zip(DR_UC, st.dr):
-            w(r, v)
-        for r, v in zip(XMM_UC, st.xmm):
-            w(r, v)
-        w(X.UC_X86_REG_GDTR, (0, st.gdtr[0], st.gdtr[1], 0))
-        w(X.UC_X86_REG_IDTR, (0, st.idtr[0], st.idtr[1], 0))
-        for reg, seg in ((X.UC_X86_REG_LDTR, st.ldtr), (X.UC_X86_REG_TR, st.tr)):
-            w(reg, (seg[2], seg[0], seg[1], attr_to_flags(seg[3])))
-        for name, idx in NATIVE_MSRS.items():
-            w(X.UC_X86_REG_MSR, (idx, st.msrs.get(name, 0)))
-        # segment caches + the hflags QEMU derives from them
-        ctx, p = self._ctx()
-        lay = self.lay
-        raw = bytearray(self._ctypes.string_at(p, lay.size))
-        # EFER.LMA is not writable through WRMSR and Unicorn starts in long mode:
-        # set LMA (and HF_LMA) from CR0.PG && EFER.LME like the CPU would.
-        lma = bool(st.cr0 & CR0_PG and st.efer & EFER_LME)
-        efer = (struct.unpack_from("<Q", raw, lay.efer)[0] & ~EFER_LMA) | (EFER_LMA if lma else 0)
-        flags = []
-        for i, (base, limit, sel, attr) in enumerate(st.segs):
-            f = attr_to_flags(attr) if attr else 0
-            flags.append(f)
-            struct.pack_into("<IIQII", raw, lay.segs + i * lay.seg_size, sel, 0, base, limit, f)
-        hf = struct.unpack_from("<I", raw, lay.hflags)[0]
-        hf &= ~(HF_CPL_MASK | HF_CS32 | HF_SS32 | HF_CS64 | HF_ADDSEG | HF_LMA | HF_PE)
-        if lma:
-            hf |= HF_LMA
-        if st.cr0 & CR0_PE:
-            hf |= HF_PE
-        cs_f, ss_f = flags[1], flags[2]
-        if (hf & HF_LMA) and (cs_f & DESC_L):
-            hf |= HF_CS32 | HF_SS32 | HF_CS64
-        elif cs_f & DESC_B:
-            hf |= HF_CS32
-        if st.cr0 & CR0_PE and not (st.rflags & (1 << 17)):
-            hf |= (ss_f >> DESC_DPL_SHIFT) & 3
-        elif st.rflags & (1 << 17):
-            hf |= 3
-        new = HF_SS32 if ss_f & DESC_B else 0
-        if hf & HF_CS64:
-            pass
-        elif not (st.cr0 & CR0_PE) or (st.rflags & (1 << 17)) or not (hf & HF_CS32):
-            new |= HF_ADDSEG
-        elif st.segs[3][0] | st.segs[0][0] | st.segs[2][0]:
-            new |= HF_ADDSEG
-        hf = (hf & ~(HF_SS32 | HF_ADDSEG)) | new
-        struct.pack_into("<I", raw, lay.hflags, hf)
-        struct.pack_into("<Q", raw, lay.efer, efer)
-        self._ctypes.memmove(p, bytes(raw), lay.size)
-        uc.context_restore(ctx)
+        old = self.loaded
+        if old is None or (st.cr0, st.cr3, st.cr4, st.efer) != (old.cr0, old.cr3, old.cr4, old.efer):
+            w(X.UC_X86_REG_CR0, 0x10)                   # paging off: leaves long mode
+            w(X.UC_X86_REG_MSR, (MSR_EFER, st.efer & ~EFER_LMA))
+            w(X.UC_X86_REG_CR4, st.cr4)
+            w(X.UC_X86_REG_CR3, st.cr3)
+            w(X.UC_X86_REG_CR0, st.cr0)                 # PG+LME+PAE -> the CPU sets LMA
+            old = None                                  # segment state depends on the mode
+        if old is None or st.cr2 != old.cr2:
+            w(X.UC_X86_REG_CR2, st.cr2)
+        if old is None or st.gpr != old.gpr or st.rflags != old.rflags or st.dr != old.dr:
+            # GPRs, RIP and RFLAGS in one call (not the CRs: a CR write flushes the TLB)
+            self.rf.write_regs(uc, st.gpr + [st.rip, st.rflags])
+            if old is None or st.dr != old.dr:
+                for r, v in zip(DR_UC, st.dr):
+                    w(r, v)
+        if old is None or st.xmm != old.xmm:
+            self.rf.write_xmm(uc, st.xmm)
+        if old is None or st.gdtr != old.gdtr:
+            w(X.UC_X86_REG_GDTR, (0, st.gdtr[0], st.gdtr[1], 0))
+        if old is None or st.idtr != old.idtr:
+            w(X.UC_X86_REG_IDTR, (0, st.idtr[0], st.idtr[1], 0))
+        if old is None or st.ldtr != old.ldtr:
+            w(X.UC_X86_REG_LDTR, (st.ldtr[2], st.ldtr[0], st.ldtr[1], attr_to_flags(st.ldtr[3])))
+        if old is None or st.tr != old.tr:
+            w(X.UC_X86_REG_TR, (st.tr[2], st.tr[0], st.tr[1], attr_to_flags(st.tr[3])))
+        if old is None or st.msrs != old.msrs:
+            for name, idx in NATIVE_MSRS.items():
+                w(X.UC_X86_REG_MSR, (idx, st.msrs.get(name, 0)))
+        if old is None or st.segs != old.segs:
+            # CS after the control registers (CS.L needs EFER.LMA), SS last (CPL = SS.DPL)
+            for i in (0, 3, 4, 5, 1, 2):
+                base, limit, sel, attr = st.segs[i]
+                ucx.set_segment(uc, i, sel, base, limit, attr_to_flags(attr) if attr else 0)
         w(X.UC_X86_REG_RIP, st.rip)
+        shadow = st.shadow_at is not None and st.shadow_at == (st.segs[1][0] + st.rip) & U64
+        ucx.set_intr_state(uc, (ucx.INTR_SHADOW if shadow else 0)
+                           | (ucx.INTR_NMI_MASKED if self.vp.apic.nmi_blocked else 0))
+        self.loaded = st.copy()
 
     def store(self, st):
         """Read Unicorn's state back into a CpuState."""
-        r = self.uc.reg_read
-        st.gpr = [r(x) for x in GPR_UC]
-        st.rip = r(X.UC_X86_REG_RIP)
-        st.rflags = r(X.UC_X86_REG_RFLAGS)
-        st.cr0, st.cr2, st.cr3, st.cr4 = (r(X.UC_X86_REG_CR0), r(X.UC_X86_REG_CR2),
-                                          r(X.UC_X86_REG_CR3), r(X.UC_X86_REG_CR4))
-        st.cr8 = self.vp.apic.tpr >> 4      # CR8 is the APIC's TPR[7:4] (MOV CR8 is emulated)
-        st.efer = r(X.UC_X86_REG_MSR, MSR_EFER)
-        st.dr = [r(x) for x in DR_UC]
-        st.xmm = [r(x) for x in XMM_UC]
-        g = r(X.UC_X86_REG_GDTR)
-        i = r(X.UC_X86_REG_IDTR)
-        st.gdtr, st.idtr = (g[1], g[2]), (i[1], i[2])
-        for name, reg in (("ldtr", X.UC_X86_REG_LDTR), ("tr", X.UC_X86_REG_TR)):
-            sel, base, limit, flags = r(reg)
+        uc = self.uc
+        regs, xmm, msrs, tables = self.rf.read(uc)
+        st.gpr = regs[:16]
+        st.rip, st.rflags = regs[16], regs[17]
+        st.cr0, st.cr2, st.cr3, st.cr4 = regs[18:22]
+        st.dr = regs[22:28]
+        st.xmm = xmm
+        st.cr8 = self.vp.apic.tpr >> 4      # CR8 is the APIC's TPR[7:4] (MOV CR8 exits)
+        st.efer = msrs[0]
+        for name, v in zip(NATIVE_MSRS, msrs[1:]):
+            st.msrs[name] = v
+        (_s, gb, gl, _f), (_s2, ib, il, _f2) = tables[0], tables[1]
+        st.gdtr, st.idtr = (gb, gl), (ib, il)
+        for name, (sel, base, limit, flags) in zip(("ldtr", "tr"), tables[2:]):
             setattr(st, name, (base, limit, sel, flags_to_attr(flags)))
-        for name, idx in NATIVE_MSRS.items():
-            st.msrs[name] = r(X.UC_X86_REG_MSR, idx)
-        _ctx, p = self._ctx()
-        raw = self._ctypes.string_at(p + self.lay.segs, 6 * self.lay.seg_size)
         segs = []
         for k in range(6):
-            sel, _pad, base, limit, flags = struct.unpack_from("<IIQII", raw, k * self.lay.seg_size)
+            sel, base, limit, flags = ucx.get_segment(uc, k)
             segs.append((base, limit, sel & 0xFFFF, flags_to_attr(flags)))
         st.segs = segs
+        istate = ucx.get_intr_state(uc)
+        st.shadow_at = (segs[1][0] + st.rip) & U64 if istate & ucx.INTR_SHADOW else None
+        self.vp.apic.nmi_blocked = bool(istate & ucx.INTR_NMI_MASKED)
+        self.loaded = st.copy()
 
-    def _hflags(self):
-        _ctx, p = self._ctx()
-        return struct.unpack("<I", self._ctypes.string_at(p + self.lay.hflags, 4))[0]
-
-    def _seg(self, idx):
-        _ctx, p = self._ctx()
-        raw = self._ctypes.string_at(p + self.lay.segs + idx * self.lay.seg_size, self.lay.seg_size)
-        sel, _pad, base, limit, flags = struct.unpack("<IIQII", raw)
-        return base, limit, sel & 0xFFFF, flags
-
-    def _refresh_pg(self):
-        r = self.uc.reg_read
-        self._pg = (r(X.UC_X86_REG_CR0), r(X.UC_X86_REG_CR3), r(X.UC_X86_REG_CR4),
-                    r(X.UC_X86_REG_MSR, MSR_EFER))
+    def _refresh_pg(self, st):
+        self._pg = (st.cr0, st.cr3, st.cr4, st.efer)
         self._tcache = {}
+
+    def _cs64(self, st):
+        return bool(st.efer & EFER_LMA and st.segs[1][3] & (1 << 13))
+
+    def _ipmask(self, st):
+        if self._cs64(st):
+            return U64
+        return 0xFFFFFFFF if st.segs[1][3] & (1 << 14) else 0xFFFF
 
     # ------------------------------------------------------------ running
     def run(self, st, max_insns, deadline, should_stop, decide, irq_pending=None):
         """Run from CpuState `st` until an exit; `st` is updated in place.
 
-        should_stop() -> bool is polled at each instruction boundary.
-        irq_pending() -> 0 (nothing), 1 (a maskable interrupt can be taken) or 2
-        (an NMI or INIT): the run stops with Exit("interrupt") at the first
-        boundary outside an interrupt shadow (the instruction after STI, MOV SS
-        or POP SS) where RFLAGS.IF = 1, or at once for 2. st.shadow_at carries a
-        shadow across runs (linear address of the instruction it covers).
-        decide(kind, **info) -> 'exit' | 'emulate' lets the hypervisor choose
-        between intercepting a CPUID/MSR access and answering it itself; when
-        emulating it returns a dict of register results.
+        should_stop() -> bool is checked before each entry and after every
+        exit and kick. irq_pending() -> 0 (nothing), 1 (a maskable interrupt
+        can be taken) or 2 (an NMI or INIT): the run stops with
+        Exit("interrupt") at the first boundary where RFLAGS.IF = 1 and no
+        STI/MOV SS shadow applies, or at once for 2. Whoever makes either
+        true while the VP runs calls kick(). The run ends with
+        Exit("preempt") at `deadline` (time.monotonic()). max_insns is not
+        counted (nothing is hooked per instruction).
+        decide(kind, **info) lets the hypervisor answer CPUID, MSR, VMCALL
+        and doorbell accesses itself (see hv.py).
         """
-        self.sync_maps()
-        self.load(st)
-        self.uc.ctl_flush_tb()
-        self._refresh_pg()
-        self.exit = None
+        irq_pending = irq_pending or (lambda: 0)
+        self._decide_fn = decide
+        S = self.hv.S
+        bitmap = 0
+        for key in self.part.intercepts:
+            if key[0] == S.HV_INTERCEPT_TYPE_EXCEPTION and 0 <= key[1] < 32:
+                bitmap |= 1 << key[1]
+        if bitmap != self.exc_bitmap:
+            ucx.set_exception_exits(self.uc, bitmap)
+            self.exc_bitmap = bitmap
         self.count = 0
-        self.max_insns = max_insns
-        self.deadline = deadline
-        self.should_stop = should_stop
-        self.decide = decide
-        self.irq_pending = irq_pending or (lambda: 0)
-        self._shadow_next = getattr(st, "shadow_at", None)
-        self._shadow_cur = None
-        self.cur = None
-        self.cur_size = 0
+        self.runs += 1
+        if self.sync_maps() or self.loaded is None:
+            pass
+        elif self.code_check is not None:
+            lin, page, data = self.code_check
+            if self.gpa_read(page, 4096) != data:
+                # the page the VP stopped in changed (the guest's own stores
+                # there were already handled): drop its translations
+                self.uc.ctl_remove_cache(lin, lin + 4096)
+        self.load(st)
+        self._refresh_pg(st)
+        if self._event is not None:
+            ucx.inject(self.uc, *self._event)
+            self._event = None
+        self.slice_token = _KICKER.arm(deadline, self)
         try:
-            self.uc.emu_start(self.uc.reg_read(X.UC_X86_REG_RIP), U64)
-        except UcError as e:
-            self._drop_scratch()
-            if self.exit is None:
-                if e.errno == UC_ERR_INSN_INVALID:
-                    self.exit = Exit("exception", vector=6, error_code=None)
-                else:
-                    self.exit = Exit("unrecoverable", error=str(e))
-        self._drop_scratch()
-        if self.exit is None:
-            self.exit = Exit("unrecoverable", error="emulation ended")
-        ex = self.exit
-        if getattr(ex, "rip_lin", None) is not None:
-            self.uc.reg_write(X.UC_X86_REG_RIP, (ex.rip_lin - self._seg(1)[0]) & self._ipmask())
+            ex = self._loop(st, deadline, should_stop, decide, irq_pending)
+        finally:
+            self.slice_token = 0
         self.store(st)
-        st.shadow_at = self._shadow_cur
+        self._remember_code(st)
         return ex
 
-    def _ipmask(self):
-        hf = self._hflags()
-        return U64 if hf & HF_CS64 else 0xFFFFFFFF
+    def _remember_code(self, st):
+        lin = (st.segs[1][0] + st.rip) & U64
+        self._refresh_pg(st)
+        g = self.translate(lin & ~0xFFF)
+        if g is not None:
+            data = self.gpa_read(g & ~0xFFF, 4096)
+            self.code_check = (lin & ~0xFFF, g & ~0xFFF, data) if data else None
+        else:
+            self.code_check = None
 
-    def _stop(self, ex):
-        if self.exit is None:
-            self.exit = ex
-        self.uc.emu_stop()
+    def _loop(self, st, deadline, should_stop, decide, irq_pending):
+        uc = self.uc
+        while True:
+            if should_stop():
+                return Exit("stopped")
+            if time.monotonic() >= deadline:
+                return Exit("preempt")
+            apic = self.vp.apic
+            apic.nmi_blocked = bool(ucx.get_intr_state(uc) & ucx.INTR_NMI_MASKED)
+            k = irq_pending()
+            if k == 2:
+                return Exit("interrupt")
+            # an NMI waits for the IRET that unblocks NMIs; an interrupt for IF=1
+            ucx.irq_window(uc, (ucx.WINDOW_IRQ if k else 0)
+                           | (ucx.WINDOW_NMI if apic.nmi_pending and apic.nmi_blocked else 0))
+            self.mem_exit = None
+            self.consumed = None
+            try:
+                uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), U64)
+                err = None
+            except UcError as e:
+                err = e
+            reason, vector, error_code = ucx.exit_reason(uc)
+            name = ucx.EXIT_NAMES.get(reason, reason)
+            self.exits[name] = self.exits.get(name, 0) + 1
+            if self.consumed is not None:
+                # a write the hypervisor took (doorbell): complete the instruction
+                if self.consumed[0] == "mov":
+                    self._advance(self.consumed[1])
+                else:
+                    ex = self._step_into_scratch(self.consumed[1])
+                    if ex is not None:
+                        return ex
+                continue
+            if self.mem_exit is not None:
+                return self.mem_exit
+            if err is not None:
+                return Exit("unrecoverable", error=str(err))
+            if reason in (ucx.EXIT_KICK, ucx.EXIT_NONE):
+                continue
+            if reason == ucx.EXIT_IRQ_WINDOW:
+                return Exit("interrupt")
+            if reason == ucx.EXIT_EXCEPTION:
+                return Exit("exception", vector=vector, error_code=None if error_code < 0 else error_code)
+            if reason == ucx.EXIT_TRIPLE_FAULT:
+                return Exit("unrecoverable", error="triple fault")
+            ex = self._insn_exit(reason, decide)
+            if ex is not None:
+                return ex
 
-    _scratch = ()
+    def _step_into_scratch(self, page):
+        """Run the one instruction that wrote to doorbell page `page` with a
+        scratch page mapped there, so that it completes and its writes go
+        nowhere (the page is unmapped again before anything else runs)."""
+        uc = self.uc
+        ucx.irq_window(uc, 0)
+        uc.mem_map(page, 4096)
+        try:
+            ucx.step(uc)
+            try:
+                uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), U64)
+            except UcError as e:
+                return Exit("unrecoverable", error="doorbell write: %s" % e)
+        finally:
+            uc.mem_unmap(page, 4096)
+        reason = ucx.exit_reason(uc)[0]
+        if reason == ucx.EXIT_STEP:
+            return None
+        if reason == ucx.EXIT_TRIPLE_FAULT:
+            return Exit("unrecoverable", error="triple fault")
+        if reason == ucx.EXIT_EXCEPTION:
+            _r, vector, error_code = ucx.exit_reason(uc)
+            return Exit("exception", vector=vector, error_code=None if error_code < 0 else error_code)
+        return Exit("unrecoverable", error="doorbell write did not complete (%s)"
+                    % ucx.EXIT_NAMES.get(reason, reason))
 
-    def _drop_scratch(self):
-        """Unmap the scratch pages that swallowed doorbell writes."""
-        if self._scratch:
-            for page in self._scratch:
-                self.uc.mem_unmap(page, 4096)
-            self._scratch = ()
+    # ------------------------------------------------------------ instruction exits
+    def _cur(self):
+        """(linear RIP, CpuState-free view: cs base, 64-bit?, 32-bit default operand?)"""
+        uc = self.uc
+        sel, base, limit, flags = ucx.get_segment(uc, 1)
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        efer = uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER)
+        long64 = bool(efer & EFER_LMA and flags & DESC_L)
+        d32 = bool(flags & DESC_B) or long64
+        return rip, base, long64, d32
 
-    def _on_code(self, uc, addr, size, _ud):
-        if self._scratch:
-            self._drop_scratch()        # the instruction that rang a doorbell is done
-        self.cur = addr
-        self.cur_size = size
-        self.count += 1
-        if self._pg_stale():
-            self._refresh_pg()
-        shadow = addr == self._shadow_next
-        self._shadow_next = None
-        self._shadow_cur = addr if shadow else None
-        if self.should_stop():
-            return self._stop(Exit("stopped", rip_lin=addr))
-        if self.count > self.max_insns or (self.count & 0x3FF == 0 and time.monotonic() > self.deadline):
-            return self._stop(Exit("preempt", rip_lin=addr))
-        if not shadow:
-            k = self.irq_pending()
-            if k and (k == 2 or self.uc.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_IF):
-                return self._stop(Exit("interrupt", rip_lin=addr))
-        b = self.read_linear(addr, size)
+    def _fetch(self, lin):
+        self._pg = (self.uc.reg_read(X.UC_X86_REG_CR0), self.uc.reg_read(X.UC_X86_REG_CR3),
+                    self.uc.reg_read(X.UC_X86_REG_CR4), self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER))
+        self._tcache = {}
+        return self.read_linear(lin, 15)
+
+    def _advance(self, n):
+        rip, base, long64, d32 = self._cur()
+        mask = U64 if long64 else (0xFFFFFFFF if d32 else 0xFFFF)
+        self.uc.reg_write(X.UC_X86_REG_RIP, (rip + n) & mask)
+        ucx.set_intr_state(self.uc, ucx.get_intr_state(self.uc) & ~ucx.INTR_SHADOW)
+
+    def _insn_exit(self, reason, decide):
+        """An instruction in the exit set stopped the run: answer it or return an Exit."""
+        uc = self.uc
+        rip, base, long64, d32 = self._cur()
+        lin = (base + rip) & U64
+        b = self._fetch(lin)
         i = 0
-        rep = False
-        while i < len(b) and (b[i] in PREFIXES or 0x40 <= b[i] <= 0x4F):
+        rep = osz = False
+        rex = 0
+        while i < len(b) and (b[i] in PREFIXES or (long64 and 0x40 <= b[i] <= 0x4F)):
             if b[i] in (0xF2, 0xF3):
                 rep = True
+            if b[i] == 0x66:
+                osz = True
+            if 0x40 <= b[i] <= 0x4F:
+                rex = b[i]
+            else:
+                rex = 0             # a REX prefix counts only right before the opcode
             i += 1
-        if i >= len(b):
-            return
-        op = b[i]
-        if op in (0xFB, 0x17) or (op == 0x8E and i + 1 < len(b) and (b[i + 1] >> 3) & 7 == 2):
-            self._shadow_next = addr + size     # STI, POP SS, MOV SS: shadow on the next instruction
-        if op == 0xCF:
-            self.vp.apic.nmi_blocked = False     # IRET ends NMI blocking
-        if op in IO_OPS:
-            return self._io(addr, size, b, i, rep)
-        if op == 0xF4:
-            return self._stop(Exit("halt", rip_lin=addr, length=size))
-        if op == 0x0F and i + 1 < len(b):
-            op2 = b[i + 1]
-            if op2 == 0xA2:
-                return self._cpuid(addr, size)
-            if op2 in (0x30, 0x32):
-                return self._msr(addr, size, write=(op2 == 0x30))
-            if op2 == 0x22 or (op2 == 0x01 and i + 2 < len(b) and (b[i + 2] >> 3) & 7 == 7):
-                self._stale = True      # mov to CR / invlpg: recompute paging next time
-            if op2 in (0x20, 0x22) and i + 2 < len(b) and (b[i + 2] >> 3) & 7 == 0 and i > 0 \
-                    and 0x40 <= b[i - 1] <= 0x4F and b[i - 1] & 4:
-                return self._mov_cr8(addr, size, b[i - 1], b[i + 2], to_cr8=(op2 == 0x22))
-            if op2 == 0x01 and i + 2 < len(b) and b[i + 2] in (0xC1, 0xD9):
-                return self._vmcall(addr, size)
+        if reason == ucx.EXIT_IO:
+            op = b[i]
+            string = op in (0x6C, 0x6D, 0x6E, 0x6F)
+            byte = op in (0xE4, 0xE6, 0xEC, 0xEE, 0x6C, 0x6E)
+            write = op in (0xE6, 0xE7, 0xEE, 0xEF, 0x6E, 0x6F)
+            imm = op in (0xE4, 0xE5, 0xE6, 0xE7)
+            port = b[i + 1] if imm else uc.reg_read(X.UC_X86_REG_RDX) & 0xFFFF
+            width = 1 if byte else (2 if d32 == osz else 4)
+            length = i + (2 if imm else 1)
+            return Exit("io", rip_lin=lin, length=length, port=port, size=width, write=write,
+                        string=string, rep=rep and string, insn=bytes(b[:length]))
+        if reason == ucx.EXIT_HLT:
+            return Exit("halt", rip_lin=lin, length=i + 1)
+        length = i + 2
+        if reason == ucx.EXIT_CPUID:
+            eax = uc.reg_read(X.UC_X86_REG_RAX) & 0xFFFFFFFF
+            ecx = uc.reg_read(X.UC_X86_REG_RCX) & 0xFFFFFFFF
+            verdict, res = decide("cpuid", eax=eax, ecx=ecx)
+            if verdict == "exit":
+                return Exit("cpuid", rip_lin=lin, length=length, eax=eax, ecx=ecx, default=res)
+            for reg, v in zip(GPR_UC[:4], (res[0], res[2], res[3], res[1])):   # RAX RCX RDX RBX
+                uc.reg_write(reg, v & 0xFFFFFFFF)
+            self._advance(length)
+            return None
+        if reason == ucx.EXIT_MSR:
+            write = b[i + 1] == 0x30
+            ecx = uc.reg_read(X.UC_X86_REG_RCX) & 0xFFFFFFFF
+            value = ((uc.reg_read(X.UC_X86_REG_RDX) & 0xFFFFFFFF) << 32) | \
+                (uc.reg_read(X.UC_X86_REG_RAX) & 0xFFFFFFFF)
+            verdict, res = decide("msr", msr=ecx, write=write, value=value)
+            if verdict == "exit":
+                return Exit("msr", rip_lin=lin, length=length, msr=ecx, write=write, value=value)
+            if verdict == "exception":
+                self.inject("exception", res["vector"], res.get("error_code"))
+                ucx.inject(uc, *self._event)
+                self._event = None
+                return None
+            if verdict == "native":
+                # the CPU's own MSR (EFER, STAR, FS/GS base, ...): Unicorn does it
+                if write:
+                    uc.reg_write(X.UC_X86_REG_MSR, (ecx, value))
+                else:
+                    res = uc.reg_read(X.UC_X86_REG_MSR, ecx)
+            if not write:
+                uc.reg_write(X.UC_X86_REG_RAX, res & 0xFFFFFFFF)
+                uc.reg_write(X.UC_X86_REG_RDX, (res >> 32) & 0xFFFFFFFF)
+            self._advance(length)
+            return None
+        if reason == ucx.EXIT_VMCALL:
+            length = i + 3
+            sel, _b, _l, ssflags = ucx.get_segment(uc, 2)
+            cpl = (ssflags >> DESC_DPL_SHIFT) & 3 if uc.reg_read(X.UC_X86_REG_CR0) & CR0_PE else 0
+            verdict, res = decide("vmcall", gpr=list(uc.reg_read_batch(GPR_UC)),
+                                  xmm=[uc.reg_read(x) for x in XMM_UC], cpl=cpl, long64=long64)
+            if verdict == "exit":
+                return Exit("vmcall", rip_lin=lin, length=length)
+            if verdict == "exception":
+                self.inject("exception", res["vector"], res.get("error_code"))
+                ucx.inject(uc, *self._event)
+                self._event = None
+                return None
+            for k, v in (res or {}).get("gpr", {}).items():
+                uc.reg_write(GPR_UC[k], v & U64)
+            for k, v in (res or {}).get("xmm", {}).items():
+                uc.reg_write(XMM_UC[k], v)
+            self._advance(length)
+            return None
+        if reason == ucx.EXIT_CR8:
+            # MOV to/from CR8: CR8 is the APIC's TPR[7:4], emulated here
+            modrm = b[i + 2]
+            length = i + 3
+            reg = GPR_UC[(modrm & 7) | (8 if rex & 1 else 0)]
+            if b[i + 1] == 0x22:
+                self.vp.apic.set_tpr((uc.reg_read(reg) & 0xF) << 4)
+            else:
+                uc.reg_write(reg, self.vp.apic.tpr >> 4)
+            self._advance(length)
+            return None
+        return Exit("unrecoverable", error="unexpected exit %r" % reason)
 
-    _stale = False
-
-    def _vmcall(self, addr, size):
-        """VMCALL/VMMCALL: a guest hypercall. decide("vmcall", gpr=[16], xmm=[16],
-        cpl=, long64=) -> ("emulate", {"gpr": {i: v}, "xmm": {i: v}}) to complete
-        it, ("exception", {"vector": v, "error_code": e or None}) to fault, or
-        ("exit", None) to intercept."""
-        r = self.uc.reg_read
-        hf = self._hflags()
-        verdict, res = self.decide("vmcall", gpr=[r(x) for x in GPR_UC], xmm=[r(x) for x in XMM_UC],
-                                   cpl=hf & HF_CPL_MASK, long64=bool(hf & HF_CS64))
-        if verdict == "exit":
-            return self._stop(Exit("vmcall", rip_lin=addr, length=size))
-        if verdict == "exception":
-            return self._stop(Exit("exception", rip_lin=addr, vector=res["vector"],
-                                   error_code=res.get("error_code")))
-        for k, v in (res or {}).get("gpr", {}).items():
-            self.uc.reg_write(GPR_UC[k], v & U64)
-        for k, v in (res or {}).get("xmm", {}).items():
-            self.uc.reg_write(XMM_UC[k], v)
-        self.uc.reg_write(X.UC_X86_REG_RIP, (addr + size - self._seg(1)[0]) & self._ipmask())
-
-    def kick(self):
-        """Ask a running engine (from any thread) to re-check should_stop()
-        and irq_pending() soon. This engine polls both at every instruction,
-        so there is nothing to do."""
-
-    def _mov_cr8(self, addr, size, rex, modrm, to_cr8):
-        """MOV to/from CR8 (REX.R, CR0 encoding): CR8 is the APIC's TPR[7:4].
-        Emulated here (Unicorn has no APIC): a write sets TPR = CR8 << 4."""
-        reg = GPR_UC[(modrm & 7) | (8 if rex & 1 else 0)]
-        if to_cr8:
-            self.vp.apic.set_tpr((self.uc.reg_read(reg) & 0xF) << 4)
-        else:
-            self.uc.reg_write(reg, self.vp.apic.tpr >> 4)
-        self.uc.reg_write(X.UC_X86_REG_RIP, (addr + size - self._seg(1)[0]) & self._ipmask())
-
-    def _pg_stale(self):
-        if self._stale:
-            self._stale = False
-            return True
-        return False
-
-    def _opsize32(self, b, i):
-        """Operand size (bytes) of a non-byte IN/OUT: 2 or 4."""
-        hf = self._hflags()
-        d32 = bool(hf & HF_CS32)
-        if 0x66 in b[:i]:
-            d32 = not d32
-        return 4 if d32 else 2
-
-    def _io(self, addr, size, b, i, rep):
-        op = b[i]
-        r = self.uc.reg_read
-        string = op in (0x6C, 0x6D, 0x6E, 0x6F)
-        byte = op in (0xE4, 0xE6, 0xEC, 0xEE, 0x6C, 0x6E)
-        write = op in (0xE6, 0xE7, 0xEE, 0xEF, 0x6E, 0x6F)
-        if op in (0xE4, 0xE5, 0xE6, 0xE7):
-            port = b[i + 1]
-        else:
-            port = r(X.UC_X86_REG_RDX) & 0xFFFF
-        width = 1 if byte else self._opsize32(b, i)
-        self._stop(Exit("io", rip_lin=addr, length=size, port=port, size=width, write=write,
-                        string=string, rep=rep and string, insn=bytes(b)))
-
-    def _cpuid(self, addr, size):
-        r = self.uc.reg_read
-        eax, ecx = r(X.UC_X86_REG_RAX) & 0xFFFFFFFF, r(X.UC_X86_REG_RCX) & 0xFFFFFFFF
-        verdict, res = self.decide("cpuid", eax=eax, ecx=ecx)
-        if verdict == "exit":
-            return self._stop(Exit("cpuid", rip_lin=addr, length=size, eax=eax, ecx=ecx, default=res))
-        w = self.uc.reg_write
-        for reg, v in zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX), res):
-            w(reg, v & 0xFFFFFFFF)
-        w(X.UC_X86_REG_RIP, (addr + size - self._seg(1)[0]) & self._ipmask())
-
-    def _msr(self, addr, size, write):
-        r = self.uc.reg_read
-        ecx = r(X.UC_X86_REG_RCX) & 0xFFFFFFFF
-        value = ((r(X.UC_X86_REG_RDX) & 0xFFFFFFFF) << 32) | (r(X.UC_X86_REG_RAX) & 0xFFFFFFFF)
-        verdict, res = self.decide("msr", msr=ecx, write=write, value=value)
-        if verdict == "exit":
-            return self._stop(Exit("msr", rip_lin=addr, length=size, msr=ecx, write=write, value=value))
-        if verdict == "native":
-            if write and ecx == MSR_EFER:
-                self._stale = True
-            return
-        w = self.uc.reg_write
-        if not write:
-            w(X.UC_X86_REG_RAX, res & 0xFFFFFFFF)
-            w(X.UC_X86_REG_RDX, (res >> 32) & 0xFFFFFFFF)
-        else:
-            w(X.UC_X86_REG_CR8, self.vp.apic.tpr >> 4)   # an emulated write may have set TPR
-        w(X.UC_X86_REG_RIP, (addr + size - self._seg(1)[0]) & self._ipmask())
-
+    # ------------------------------------------------------------ memory exits
     _MEM_KIND = {UC_MEM_READ_UNMAPPED: ("unmapped", 0), UC_MEM_WRITE_UNMAPPED: ("unmapped", 1),
                  UC_MEM_FETCH_UNMAPPED: ("unmapped", 2), UC_MEM_READ_PROT: ("prot", 0),
                  UC_MEM_WRITE_PROT: ("prot", 1), UC_MEM_FETCH_PROT: ("prot", 2)}
 
     def _on_mem(self, uc, access, address, size, value, _ud):
+        """An access to an unmapped or protected GPA (the address Unicorn passes
+        is the GPA). RIP is that of the accessing instruction; nothing of it
+        is done. Always stops the run."""
         kind, acc = self._MEM_KIND.get(access, ("unmapped", 0))
-        if kind == "unmapped" and acc == 1 and self.exit is None:
+        if self.mem_exit is not None or self.consumed is not None:
+            return False
+        rip, base, long64, d32 = self._cur()
+        lin = (base + rip) & U64
+        mov = None
+        length = 0
+        if acc in (0, 1):
+            b = self._fetch(lin)
+            mov, length = decode_mov(b, long64, d32)
+            if mov is not None and (mov["store"] != (acc == 1) or mov["size"] != size):
+                mov = None
+        if kind == "unmapped" and acc == 1:
             v = value & ((1 << (8 * size)) - 1) if size <= 8 else value
-            if self.decide("doorbell", gpa=address, size=size, value=v)[0] == "consume":
-                # the hypervisor took the write: let the instruction complete
-                # into a scratch page, unmapped again at the next instruction
-                page = address & ~0xFFF
-                self.uc.mem_map(page, 4096, UC_PROT_READ | UC_PROT_WRITE)
-                self._scratch = tuple(self._scratch) + (page,)
-                return True
-        cur = self.cur
-        if acc == 2:
-            cur = None   # the faulting fetch is the instruction itself (RIP from Unicorn)
-        if self.exit is None:
-            mov = None
-            if kind == "unmapped" and acc in (0, 1) and cur is not None:
-                mov = self._decode_mov(cur)
-                if mov is not None and (mov["store"] != (acc == 1) or mov["size"] != size):
-                    mov = None
-            self.exit = Exit("memory", rip_lin=cur, gpa=address, access=acc, unmapped=(kind == "unmapped"),
-                             size=size, write=(acc == 1), value=value & ((1 << 64) - 1),
-                             length=self.cur_size, mov=mov)
+            if self.decide_doorbell(address, size, v):
+                self.consumed = ("mov", length) if mov is not None else ("step", address & ~0xFFF)
+                return False
+        self.mem_exit = Exit("memory", rip_lin=lin if acc != 2 else None, gpa=address, access=acc,
+                             unmapped=(kind == "unmapped"), size=size, write=(acc == 1),
+                             value=value & U64, length=length, mov=mov)
         return False
 
-    def _decode_mov(self, addr):
-        """The current instruction, if it is a plain MOV between a register or
-        an immediate and memory (88/89/8A/8B/C6/C7/A0-A3): {store, size, reg,
-        high8}; None otherwise. The hypervisor completes such accesses to the
-        xAPIC page itself (hv.py, _mmio)."""
-        b = self.read_linear(addr, self.cur_size)
-        hf = self._hflags()
-        long64 = bool(hf & HF_CS64)
-        d32 = bool(hf & HF_CS32)
-        i = 0
-        osz = False
-        while i < len(b) and b[i] in PREFIXES:
-            if b[i] == 0x66:
-                osz = True
-            elif b[i] == 0xF0:
-                return None
-            i += 1
-        rex = 0
-        if long64 and i < len(b) and 0x40 <= b[i] <= 0x4F:
-            rex = b[i]
-            i += 1
-        if i >= len(b):
-            return None
-        op = b[i]
-        if op not in (0x88, 0x89, 0x8A, 0x8B, 0xC6, 0xC7, 0xA0, 0xA1, 0xA2, 0xA3):
-            return None
-        byte = op in (0x88, 0x8A, 0xC6, 0xA0, 0xA2)
-        if byte:
-            size = 1
-        elif rex & 8:
-            size = 8
-        else:
-            size = (2 if osz else 4) if (d32 or long64) else (4 if osz else 2)
-        if op in (0xA0, 0xA1, 0xA2, 0xA3):
-            return {"store": op in (0xA2, 0xA3), "size": size, "reg": 0, "high8": False}
+    def decide_doorbell(self, gpa, size, value):
+        return self._decide_fn("doorbell", gpa=gpa, size=size, value=value)[0] == "consume"
+
+
+def _modrm_length(b, i, long64, asz16):
+    """Bytes of ModRM + SIB + displacement starting at b[i]; None if short."""
+    if i >= len(b):
+        return None
+    modrm = b[i]
+    mod, rm = modrm >> 6, modrm & 7
+    n = 1
+    if mod == 3:
+        return n
+    if asz16:
+        if mod == 0 and rm == 6:
+            return n + 2
+        return n + (1 if mod == 1 else 2 if mod == 2 else 0)
+    if rm == 4:
         if i + 1 >= len(b):
             return None
-        modrm = b[i + 1]
-        if modrm >> 6 == 3:
-            return None
-        if op in (0xC6, 0xC7):
-            if (modrm >> 3) & 7:
-                return None
-            return {"store": True, "size": size, "reg": None, "high8": False}
-        reg = ((modrm >> 3) & 7) | (8 if rex & 4 else 0)
-        high8 = byte and not rex and reg >= 4
-        return {"store": op in (0x88, 0x89), "size": size, "reg": reg, "high8": high8}
+        sib = b[i + 1]
+        n += 1
+        if mod == 0 and sib & 7 == 5:
+            n += 4
+    elif mod == 0 and rm == 5:
+        n += 4              # disp32 (RIP-relative in 64-bit mode)
+    return n + (1 if mod == 1 else 4 if mod == 2 else 0)
 
-    def _on_intr(self, uc, intno, _ud):
-        self._stop(Exit("exception", rip_lin=self.cur, vector=intno, error_code=None))
+
+def decode_mov(b, long64, d32):
+    """The instruction in `b`, if it is a plain MOV between a register or an
+    immediate and memory (88/89/8A/8B/C6/C7/A0-A3): ({store, size, reg,
+    high8}, length); (None, 0) otherwise. The hypervisor completes such
+    accesses itself (the xAPIC page in hv.py, doorbells)."""
+    i = 0
+    osz = asz = False
+    while i < len(b) and b[i] in PREFIXES:
+        if b[i] == 0x66:
+            osz = True
+        elif b[i] == 0x67:
+            asz = True
+        elif b[i] in (0xF0, 0xF2, 0xF3):
+            return None, 0
+        i += 1
+    rex = 0
+    if long64 and i < len(b) and 0x40 <= b[i] <= 0x4F:
+        rex = b[i]
+        i += 1
+    if i >= len(b):
+        return None, 0
+    op = b[i]
+    if op not in (0x88, 0x89, 0x8A, 0x8B, 0xC6, 0xC7, 0xA0, 0xA1, 0xA2, 0xA3):
+        return None, 0
+    byte = op in (0x88, 0x8A, 0xC6, 0xA0, 0xA2)
+    if byte:
+        size = 1
+    elif rex & 8:
+        size = 8
+    else:
+        size = (2 if osz else 4) if (d32 or long64) else (4 if osz else 2)
+    if long64:
+        asz16 = False
+        moffs = 4 if asz else 8
+    else:
+        asz16 = d32 == asz
+        moffs = 2 if asz16 else 4
+    if op in (0xA0, 0xA1, 0xA2, 0xA3):
+        n = i + 1 + moffs
+        if n > len(b):
+            return None, 0
+        return {"store": op in (0xA2, 0xA3), "size": size, "reg": 0, "high8": False}, n
+    m = _modrm_length(b, i + 1, long64, asz16)
+    if m is None:
+        return None, 0
+    modrm = b[i + 1]
+    if modrm >> 6 == 3:
+        return None, 0
+    n = i + 1 + m
+    if op in (0xC6, 0xC7):
+        if (modrm >> 3) & 7:
+            return None, 0
+        n += 1 if byte else min(size, 4)
+        if n > len(b):
+            return None, 0
+        return {"store": True, "size": size, "reg": None, "high8": False}, n
+    if n > len(b):
+        return None, 0
+    reg = ((modrm >> 3) & 7) | (8 if rex & 4 else 0)
+    high8 = byte and not rex and reg >= 4
+    return {"store": op in (0x88, 0x89), "size": size, "reg": reg, "high8": high8}, n

@@ -24,7 +24,9 @@ import time
 
 from . import spec
 from . import apic as A
-from .apic import LocalApic, DeliveryError, deliver as apic_deliver, MIN_VECTOR, RF_IF, NMI_VECTOR
+from . import platform as platform_mod
+from .apic import LocalApic, MIN_VECTOR, RF_IF, NMI_VECTOR
+from .platform import GuestPlatform, DEFAULT_SYNTHETIC_FEATURES
 from .spec import S
 
 U64 = (1 << 64) - 1
@@ -107,7 +109,6 @@ DR_NAMES = ["DR0", "DR1", "DR2", "DR3", "DR6", "DR7"]
 
 # Default CPUID results (leaf -> eax, ebx, ecx, edx); see docs. x86 values, not ABI.
 _VENDOR = struct.unpack("<3I", b"GenuineIntel")
-_HV_VENDOR = struct.unpack("<3I", b"Microsoft Hv")
 
 
 def _r(name):
@@ -333,10 +334,21 @@ class Hypervisor:
         self.kick_form = os.environ.get("HVSIM_KICK_FORM") or None
         self.kick_rng = random.Random(int(os.environ.get("HVSIM_SEED", "0"), 0))
         self.kicks = collections.Counter()   # form -> messages sent
-        self.msr_values = {}          # synthetic MSR store per (pid, vp) handled in _decide
         self.props_root = self._root_props()
         self.child_prop_defaults = self._child_props()
         self._closed = False
+        # what the guest sees: CPUID leaves, synthetic MSRs, timers, guest hypercalls (platform.py)
+        self.platform = GuestPlatform(self)
+
+    @property
+    def tsc_hz(self):
+        """The guest TSC frequency (TSC_FREQUENCY MSR, reference TSC page scale)."""
+        return self.platform.clock.hz
+
+    @property
+    def apic_hz(self):
+        """The APIC timer's input frequency (APIC_FREQUENCY MSR)."""
+        return self.platform.apic_hz
 
     # ================================================================ helpers
     def _root_props(self):
@@ -360,7 +372,7 @@ class Hypervisor:
         P = spec.enum("hv_partition_property_code")
         d = dict(self._root_props())
         d.update({
-            P["HV_PARTITION_PROPERTY_SYNTHETIC_PROC_FEATURES"]: 0,
+            P["HV_PARTITION_PROPERTY_SYNTHETIC_PROC_FEATURES"]: DEFAULT_SYNTHETIC_FEATURES,
             P["HV_PARTITION_PROPERTY_TIME_FREEZE"]: 0,
             P["HV_PARTITION_PROPERTY_REFERENCE_TIME"]: 0,
             P["HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION"]: 0,
@@ -1108,13 +1120,12 @@ class Hypervisor:
         if eax == 0:
             return (0xD, _VENDOR[0], _VENDOR[2], _VENDOR[1])
         if eax == 1:
-            ecx_f = (1 << 0) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 20) | (1 << 23) | (1 << 31)
+            ecx_f = (1 << 0) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 20) | (1 << 23)
+            ecx_f = self.platform.cpuid1_ecx(vp.part, ecx_f)     # hypervisor, TSC-deadline bits
             edx_f = 0x0789FBFF & ~(1 << 9) | (1 << 9)
             return (0x000806EC, (vp.index << 24) | (1 << 16) | (8 << 8), ecx_f, edx_f)
-        if eax == S.HYPERV_CPUID_VENDOR_AND_MAX_FUNCTIONS:
-            return (S.HYPERV_CPUID_IMPLEMENT_LIMITS, _HV_VENDOR[0], _HV_VENDOR[1], _HV_VENDOR[2])
-        if eax == S.HYPERV_CPUID_INTERFACE:
-            return (S.HV_CPUID_INTERFACE_SIGNATURE_HV1, 0, 0, 0)
+        if 0x40000000 <= eax <= 0x400000FF:
+            return self.platform.cpuid(vp, eax)
         if eax == 0x80000000:
             return (0x80000008, 0, 0, 0)
         if eax == 0x80000001:
@@ -1151,11 +1162,13 @@ class Hypervisor:
         vp = Vp(p, i.vp_index)
         vp.cpuid_results.update(getattr(p, "cpuid_all", {}))
         p.vps[i.vp_index] = vp
+        self.platform.attach_vp(vp)
         return S.HV_STATUS_SUCCESS
 
     def _destroy_vp(self, p, vp):
         self._stop_vp(vp)
         vp.deleted = True
+        self.platform.detach_vp(vp)
         for t, (pfn, overlay) in list(vp.state_pages.items()):
             if overlay:
                 self._free_overlay(pfn)
@@ -1179,10 +1192,18 @@ class Hypervisor:
         return S.HV_STATUS_SUCCESS
 
     # ---------------------------------------------------------------- registers
+    # The "intermediate" control registers are the guest's CR0/CR3/CR4/CR8 as
+    # a nested hypervisor in the guest would see them. Without nested
+    # virtualization (the model offers none) they are the guest's own control
+    # registers; Cloud Hypervisor sets a guest's initial mode through them.
+    INTERMEDIATE = {"INTERMEDIATE_CR0": "CR0", "INTERMEDIATE_CR3": "CR3",
+                    "INTERMEDIATE_CR4": "CR4", "INTERMEDIATE_CR8": "CR8"}
+
     def get_reg(self, vp, name):
         st = vp.cpu
         n = spec.REGISTER_NAMES[name]
         short = n.replace("HV_X64_REGISTER_", "").replace("HV_REGISTER_", "")
+        short = self.INTERMEDIATE.get(short, short)
         if short in GPR_NAMES:
             return st.gpr[GPR_NAMES.index(short)]
         if short == "RIP":
@@ -1215,13 +1236,17 @@ class Hypervisor:
         if name == _r("HV_REGISTER_VP_ROOT_SIGNAL_COUNT"):
             return vp.signal_count
         if name == _r("HV_X64_REGISTER_TSC"):
-            return int(time.monotonic() * 2_000_000_000)
+            return self.platform.clock.tsc()       # the guest's TSC (platform.Clock)
+        v = self.platform.get_register(vp, name)  # the guest platform's synthetic MSRs
+        if v is not None:
+            return v
         return vp.other.get(name, 0)
 
     def set_reg(self, vp, name, value):
         st = vp.cpu
         n = spec.REGISTER_NAMES[name]
         short = n.replace("HV_X64_REGISTER_", "").replace("HV_REGISTER_", "")
+        short = self.INTERMEDIATE.get(short, short)
         v64 = value & U64
         if short in GPR_NAMES:
             st.gpr[GPR_NAMES.index(short)] = v64
@@ -1256,6 +1281,8 @@ class Hypervisor:
         elif name in (_r("HV_REGISTER_EXPLICIT_SUSPEND"), _r("HV_REGISTER_INTERCEPT_SUSPEND"),
                       _r("HV_REGISTER_DISPATCH_SUSPEND")):
             vp.other[name] = value & 1
+        elif self.platform.set_register(vp, name, value):
+            pass                                    # the guest platform's synthetic MSRs
         else:
             vp.other[name] = value & ((1 << 128) - 1)
             if name == _r("HV_X64_REGISTER_INITIAL_APIC_ID"):
@@ -1361,6 +1388,7 @@ class Hypervisor:
                 self._take(p, self.costs["synic_enable"], ("synic", vp.index))
             if a.name == _r("HV_REGISTER_EXPLICIT_SUSPEND") and a.value.low & 1 and vp.running:
                 vp.stop_req = True
+                self._kick(vp)
                 self._wait_stopped(vp)
             self.set_reg(vp, a.name, a.value.low | (a.value.high << 64))
         self._sync_reg_page_out(vp)
@@ -1670,6 +1698,7 @@ class Hypervisor:
             return
         self._log("  vp %x/%d apic: mode %d vector 0x%x%s" % (vp.part.id, vp.index, mode, vector,
                                                               " level" if level else ""))
+        self._kick(vp)                        # a running VP re-checks what it can take
         if self.scheduler == "root":
             if was_blocked and not a.blocked():
                 # the driver kicks its dispatch thread. Also while a DispatchVp is
@@ -1806,31 +1835,29 @@ class Hypervisor:
         self._apic_reg_write(vp, None, off, value, x2apic=True)
         return None
 
-    # The child VP's SynIC as its VMM set it through SetVpRegisters:
-    # SCONTROL.enable, SIMP/SIEFP (GPA 63:12, enable bit 0), SINTx (vector
-    # 7:0, masked bit 16). x86/TLFS bit positions.
-    _SINT_MASKED = 1 << 16
+    # The child VP's SynIC is the guest platform's (platform.py: SCONTROL,
+    # SIMP, SIEFP and SINTx as the guest or its VMM wrote them).
+    def _child_synic(self, vp, page):
+        """(platform VP state, GPA of `page`'s base) for SignalEventDirect
+        (page "siefp") or PostMessageDirect ("simp"), or raise
+        INVALID_SYNIC_STATE while the SynIC or that page is off."""
+        from .platform import _bits
+        vs = self.platform.vps(vp)
+        value = vs.siefp if page == "siefp" else vs.simp
+        if not _bits(S.hv_synic_scontrol, "value", "enable", vs.scontrol) or \
+                not _bits(S.hv_synic_page_msr, "value", "enable", value):
+            raise HvError(S.HV_STATUS_INVALID_SYNIC_STATE)
+        return vs, _bits(S.hv_synic_page_msr, "value", "base_gpfn", value) << 12
 
-    def _child_synic_page(self, vp, reg, sint, off):
-        """Root address of byte `off` of SINT `sint`'s area in the child
-        page `reg` (SIMP: 256-byte slots, SIEFP: 256-byte flag arrays), or
-        raise INVALID_SYNIC_STATE when the SynIC or that page is off or the
-        page is not mapped in the child."""
-        if not vp.reg(_r("HV_REGISTER_SCONTROL")) & 1:
-            raise HvError(S.HV_STATUS_INVALID_SYNIC_STATE)
-        v = vp.reg(_r(reg))
-        if not v & 1:
-            raise HvError(S.HV_STATUS_INVALID_SYNIC_STATE)
-        gpa = (v & ~0xFFF & U64) + sint * (S.PAGE_SIZE // SINT_COUNT) + off
-        e = vp.part.gpa.get(gpa >> 12)
-        if e is None or not self.is_ram(e[0]):
-            raise HvError(S.HV_STATUS_INVALID_SYNIC_STATE)
-        return (e[0] << 12) | (gpa & 0xFFF)
-
-    def _raise_sint(self, vp, sint, cpu):
-        sv = vp.reg(_r("HV_REGISTER_SINT0") + sint)
-        if not sv & self._SINT_MASKED and (sv & 0xFF) >= MIN_VECTOR:
-            self._apic_message(vp, A.DM_FIXED, sv & 0xFF, False, cpu)
+    def _raise_sint(self, vp, vs, sint, cpu):
+        """A new event on SINT `sint`: its vector, unless masked or polled."""
+        from .platform import _bits
+        Sn = S.hv_synic_sint
+        sv = vs.sint[sint]
+        if _bits(Sn, "value", "masked", sv) or _bits(Sn, "value", "polling", sv):
+            return
+        self._apic_message(vp, A.DM_FIXED, _bits(Sn, "value", "vector", sv), False, cpu)
+        self.platform._kick(vp)
 
     def _hc_signal_event_direct(self, c):
         """Set one event flag in the target VP's SIEF page and raise its SINT."""
@@ -1839,37 +1866,43 @@ class Hypervisor:
         vp = self._vp(p, i.target_vp)
         if i.target_vtl or i.target_sint >= SINT_COUNT or i.flag_number >= EVENT_FLAGS_PER_SINT:
             return S.HV_STATUS_INVALID_PARAMETER
-        addr = self._child_synic_page(vp, "HV_REGISTER_SIEFP", i.target_sint, i.flag_number // 8)
-        old = self.mem.read(addr, 1)[0]
+        vs, base = self._child_synic(vp, "siefp")
+        gpa = base + i.target_sint * (S.PAGE_SIZE // SINT_COUNT) + i.flag_number // 8
+        old = self.platform.gpa_read(p, gpa, 1)
+        if old is None:
+            return S.HV_STATUS_INVALID_SYNIC_STATE       # the page is not guest RAM
         bit = 1 << (i.flag_number % 8)
-        self.mem.write(addr, bytes([old | bit]))
-        newly = not old & bit
+        newly = not old[0] & bit
         if newly:
-            self._raise_sint(vp, i.target_sint, c.cpu)
+            self.platform.gpa_write(p, gpa, bytes([old[0] | bit]))
+            self._raise_sint(vp, vs, i.target_sint, c.cpu)
         c.out = S.hv_output_signal_event_direct(newly_signaled=int(newly))
         return S.HV_STATUS_SUCCESS
 
     def _hc_post_message_direct(self, c):
-        """Write a message into the target VP's SIM slot and raise its SINT.
-        The message must be a guest message type (non-zero, MSB clear) with
-        at most a payload's worth of bytes; a full slot is INSUFFICIENT_BUFFERS."""
+        """Post a message to the target VP's SINT through the guest SynIC
+        (platform.py delivers it into the SIMP slot and raises the SINT). The
+        message must be a guest message type (non-zero, MSB clear) with at most
+        a payload's worth of bytes; one already waiting for that SINT (slot
+        full, or queued) makes it INSUFFICIENT_BUFFERS."""
         i = c.inp
         p = self._child(i.partition_id)
         vp = self._vp(p, i.vp_index)
         if i.vtl or i.sint_index >= SINT_COUNT:
             return S.HV_STATUS_INVALID_PARAMETER
-        raw = bytes(i.message)
+        raw = bytes(i.message)[:S.hv_message.SIZE]
         hdr = S.hv_message_header.from_bytes(raw[:S.hv_message_header.SIZE])
         payload_max = S.hv_message.SIZE - S.hv_message_header.SIZE
         if hdr.message_type == S.HVMSG_NONE or hdr.message_type & 0x80000000 \
                 or hdr.payload_size > payload_max:
             return S.HV_STATUS_INVALID_PARAMETER
-        addr = self._child_synic_page(vp, "HV_REGISTER_SIMP", i.sint_index, 0)
-        if self.mem.read_u32(addr) != S.HVMSG_NONE:
+        vs, base = self._child_synic(vp, "simp")
+        slot = self.platform.gpa_read(p, base + i.sint_index * S.hv_message.SIZE, 4)
+        if slot is None:
+            return S.HV_STATUS_INVALID_SYNIC_STATE       # the page is not guest RAM
+        if vs.queues[i.sint_index] or struct.unpack("<I", slot)[0] != S.HVMSG_NONE:
             return S.HV_STATUS_INSUFFICIENT_BUFFERS
-        self.mem.write(addr + 4, raw[4:S.hv_message.SIZE])
-        self.mem.write(addr, raw[:4])                 # the type goes last
-        self._raise_sint(vp, i.sint_index, c.cpu)
+        self.platform.post_locked(vp, i.sint_index, raw)
         return S.HV_STATUS_SUCCESS
 
     # ================================================================ ports and connections
@@ -2184,6 +2217,7 @@ class Hypervisor:
             vp = self._dispatching.get(cpu)
             if vp is not None:
                 vp.root_irq = True      # the CPU has an interrupt: its DispatchVp returns
+                self._kick(vp)
             return
 
     def eom(self, cpu):
@@ -2267,6 +2301,14 @@ class Hypervisor:
             pl.vp_count += 1
 
     # ================================================================ running VPs
+    @staticmethod
+    def _kick(vp):
+        """Make a running VP's engine re-check its stop and interrupt state
+        soon (any thread; a no-op for a VP without an engine)."""
+        eng = vp.engine
+        if eng is not None:
+            eng.kick()
+
     def _engine(self, vp):
         if vp.engine is None:
             from .cpu import Engine
@@ -2296,18 +2338,17 @@ class Hypervisor:
                     if p.intercepts.get(key, 0) & acc:
                         return "exit", None
                 if msr in (S.HV_X64_MSR_EOI, S.HV_X64_MSR_ICR, S.HV_X64_MSR_TPR):
+                    if not self.platform.has(p, S.HV_PARTITION_PRIVILEGE_ACCESS_INTR_CTRL_REGS):
+                        return platform_mod.GP          # not advertised: #GP in the guest
                     with self._lock:        # the synthetic aliases of the APIC's EOI, ICR and TPR
                         res = self._apic_msr(vp, msr, kw["write"], kw["value"])
                     self._flush_notify()
                     return "emulate", res
-                if 0x40000000 <= msr <= 0x400000FF:
-                    store = self.msr_values.setdefault((p.id, vp.index), {})
-                    if kw["write"]:
-                        store[msr] = kw["value"]
-                        return "emulate", None
-                    if msr == S.HV_X64_MSR_VP_INDEX:
-                        return "emulate", vp.index
-                    return "emulate", store.get(msr, 0)
+                if self.platform.handles_msr(msr):
+                    with self._lock:        # synthetic MSRs and IA32_TSC_DEADLINE (platform.py)
+                        res = self.platform.msr_locked(vp, msr, kw["write"], kw["value"])
+                    self._flush_notify()
+                    return res                      # ("emulate", value) or the #GP verdict
                 if A.X2APIC_MSR_BASE <= msr <= A.X2APIC_MSR_LAST:
                     with self._lock:
                         res = self._apic_msr(vp, msr, kw["write"], kw["value"])
@@ -2315,8 +2356,10 @@ class Hypervisor:
                     return "emulate", res
                 return "native", None
             if kind == "vmcall":
-                # guest hypercalls are not modelled yet: HV_STATUS_INVALID_HYPERCALL_CODE
-                return "emulate", {"gpr": {0: S.HV_STATUS_INVALID_HYPERCALL_CODE}}
+                with self._lock:            # guest hypercalls (platform.py)
+                    res = self.platform.vmcall(vp, kw["gpr"], kw["cpl"], kw["long64"], kw.get("cr0"))
+                self._flush_notify()
+                return res
             return "emulate", None
         return decide
 
@@ -2432,11 +2475,11 @@ class Hypervisor:
                         a.take(v)
         if v is not None:
             a.halted = False
-            try:
-                apic_deliver(self, vp.part, self._engine(vp), st, v)
-            except DeliveryError as e:
-                self._log("  vp %x/%d %s 0x%x not deliverable: %s" % (vp.part.id, vp.index, kind, v, e))
-                return Exit("unrecoverable", error="interrupt delivery: %s" % e)
+            # the CPU delivers it through the IVT/IDT at the next entry; a
+            # fault while delivering escalates as on hardware (a triple fault
+            # ends the run as an unrecoverable exception)
+            self._engine(vp).inject("nmi" if kind == "NMI" else "interrupt", v)
+            st.shadow_at = None
             a.delivered.append(v)
             self._log("  vp %x/%d %s 0x%x delivered" % (vp.part.id, vp.index, kind, v))
             return None
@@ -2678,6 +2721,7 @@ class Hypervisor:
     def _stop_vp(self, vp):
         if vp.running:
             vp.stop_req = True
+            self._kick(vp)
             self._wait_stopped(vp)
 
     def wait_idle(self, timeout=10):
@@ -2692,12 +2736,14 @@ class Hypervisor:
         return True
 
     def shutdown(self):
+        self.platform.close()
         with self._lock:
             self._closed = True
             for p in self.partitions.values():
                 for vp in p.vps.values():
                     if vp.running:
                         vp.stop_req = True
+                        self._kick(vp)
             try:
                 for p in self.partitions.values():
                     for vp in p.vps.values():

@@ -21,10 +21,14 @@ U64 = (1 << 64) - 1
 class Root:
     """A fake root partition driving the model."""
 
-    def __init__(self, scheduler="root", notify=None, ncpus=2, kick_form="pair"):
-        self.ram = AnonRam(RAM_SIZE)
+    def __init__(self, scheduler="root", notify=None, ncpus=2, ram_mb=None, kick_form="pair"):
+        """ram_mb: root RAM size (default 64 MiB: guest memory 16..48 MiB);
+        with a larger size the hypervisor's 16 MiB sit at the top and guest
+        memory runs from 16 MiB up to them."""
+        size = RAM_SIZE if ram_mb is None else ram_mb * MB
+        self.ram = AnonRam(size)
         self.notified = []
-        self.hv = Hypervisor(self.ram, HV_BASE, HV_SIZE, scheduler=scheduler,
+        self.hv = Hypervisor(self.ram, size - HV_SIZE, HV_SIZE, scheduler=scheduler,
                              notify=notify or self.notified.append, ncpus=ncpus)
         # unit tests read scheduler kicks as VP_SIGNAL_PAIR unless they ask
         # for another form (test_model_strict.py covers BITSET and overflow)

@@ -1,0 +1,160 @@
+"""hvsim child-VP benchmarks (`make bench`): how fast the model runs guest code.
+
+Each benchmark builds a long-mode guest in a child partition with the model's
+test root (model/testkit.py: the same hypercalls the driver makes) and times
+DispatchVp calls until the guest's final OUT. The instruction counts are known
+by construction (fixed loops), so MIPS = instructions / wall time, including
+every model cost on the way (dispatch, exits, register write-back).
+
+  compute      register arithmetic, one taken branch per 5 instructions
+  memory       a load and a store per iteration over a 1 MiB array (TLB hits)
+  page-walk    one load per 4 KiB page over 8 MiB of 4 KiB mappings, CR3
+               reloaded after each sweep: every access is a TLB miss
+  exits        OUT to a port the root handles: a full intercept round trip
+               (DispatchVp, message, SetVpRegisters for RIP) per instruction
+
+This is a measurement, not a test: nothing here asserts a speed.
+"""
+
+import argparse
+import os
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from model.testkit import Root, S, seg_pack, table_pack  # noqa: E402
+
+R = S
+CODE, STACK, GDT, PML4 = 0x3000, 0x9000, 0x500, 0x10000
+ARRAY = 0x100000                 # 1 MiB inside the 2 MiB identity page
+PAGED_BASE, PAGED_MB = 0x200000, 8
+GDT64 = struct.pack("<3Q", 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF)
+
+
+def long_mode_guest(root, code, paged=False):
+    """A child partition with one VP in 64-bit mode running `code` at CODE.
+    GPA [0, 2 MiB) is one 2 MiB page; with paged=True GPA [2 MiB, 10 MiB) is
+    also mapped, with 4 KiB pages (page tables at 1.5 MiB)."""
+    pid = root.new_guest()
+    pages = (PAGED_BASE + PAGED_MB * 2 ** 20) // 4096 if paged else 512
+    for gfn in range(0, pages, 256):              # one rep list per input page
+        root.map_ram(pid, gfn, min(256, pages - gfn))
+    root.gwrite(pid, GDT, GDT64)
+    root.gwrite(pid, PML4, struct.pack("<Q", 0x11000 | 3))
+    root.gwrite(pid, 0x11000, struct.pack("<Q", 0x12000 | 3))
+    pd = [0x83]
+    if paged:
+        pt_base = 0x180000
+        for k in range(PAGED_MB // 2):
+            pt = pt_base + k * 4096
+            pd.append(pt | 3)
+            base = PAGED_BASE + k * 2 ** 21
+            root.gwrite(pid, pt, b"".join(struct.pack("<Q", (base + i * 4096) | 3) for i in range(512)))
+    root.gwrite(pid, 0x12000, b"".join(struct.pack("<Q", e) for e in pd))
+    root.gwrite(pid, CODE, code)
+    data = seg_pack((0, 0xFFFFFFFF, 0x10, 0xC093))
+    regs = [(R.HV_X64_REGISTER_CR3, PML4), (R.HV_X64_REGISTER_CR4, 0x20),
+            (R.HV_X64_REGISTER_EFER, 0x500), (R.HV_X64_REGISTER_CR0, 0x80000011),
+            (R.HV_X64_REGISTER_GDTR, table_pack((GDT, 23))),
+            (R.HV_X64_REGISTER_CS, seg_pack((0, 0xFFFFFFFF, 0x08, 0xA09B))),
+            (R.HV_X64_REGISTER_DS, data), (R.HV_X64_REGISTER_SS, data), (R.HV_X64_REGISTER_ES, data),
+            (R.HV_X64_REGISTER_RIP, CODE), (R.HV_X64_REGISTER_RSP, STACK),
+            (R.HV_REGISTER_EXPLICIT_SUSPEND, 0)]
+    assert root.set_regs(pid, 0, regs)[0] == S.HV_STATUS_SUCCESS
+    msg = root.map_state_page(pid, 0, S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE)
+    return pid, msg
+
+
+def run_until_out(root, pid, msg):
+    """Dispatch until the guest's OUT; returns (seconds, dispatches)."""
+    start = time.perf_counter()
+    n = 0
+    flags = 0
+    while True:
+        n += 1
+        state, event = root.dispatch(pid, 0, flags)
+        if event == S.HV_VP_DISPATCH_EVENT_INTERCEPT:
+            break
+    elapsed = time.perf_counter() - start
+    assert root.message(msg)[0] == S.HVMSG_X64_IO_PORT_INTERCEPT
+    return elapsed, n
+
+
+def imm64(v):
+    return struct.pack("<Q", v)
+
+
+def bench_compute(root, iters):
+    # mov r8, iters; L: add rax, rbx; imul rcx, rdx; xor rsi, rax; dec r8; jnz L; out 0x80, al
+    code = (b"\x49\xb8" + imm64(iters) + bytes.fromhex("4801d8" "480fafca" "4831c6" "49ffc8" "75f1")
+            + bytes.fromhex("e680"))
+    pid, msg = long_mode_guest(root, code)
+    t, n = run_until_out(root, pid, msg)
+    assert root.get_regs(pid, 0, [R.HV_X64_REGISTER_R8]) == [0], "the loop did not run to the end"
+    return 5 * iters, t, n
+
+
+def bench_memory(root, sweeps):
+    words = (1 << 20) // 8
+    # mov r9, sweeps; S: mov rsi, ARRAY; mov rcx, words; L: add rax,[rsi]; mov [rsi],rax;
+    # add rsi, 8; dec rcx; jnz L; dec r9; jnz S; out
+    code = (b"\x49\xb9" + imm64(sweeps) + b"\x48\xbe" + imm64(ARRAY) + b"\x48\xb9" + imm64(words)
+            + bytes.fromhex("480306" "488906" "4883c608" "48ffc9" "75f1" "49ffc9" "75d8") + bytes.fromhex("e680"))
+    pid, msg = long_mode_guest(root, code)
+    t, n = run_until_out(root, pid, msg)
+    return sweeps * (2 + 5 * words + 2), t, n
+
+
+def bench_page_walk(root, sweeps):
+    pages = PAGED_MB * 256
+    # mov r9, sweeps; S: mov rax, cr3; mov cr3, rax; mov rsi, PAGED_BASE; mov rcx, pages;
+    # L: add rbx, [rsi]; add rsi, 4096; dec rcx; jnz L; dec r9; jnz S; out
+    code = (b"\x49\xb9" + imm64(sweeps) + bytes.fromhex("0f20d8" "0f22d8") + b"\x48\xbe" + imm64(PAGED_BASE)
+            + b"\x48\xb9" + imm64(pages) + bytes.fromhex("48031e" "4881c600100000" "48ffc9" "75f1"
+                                                        "49ffc9" "75d2") + bytes.fromhex("e680"))
+    pid, msg = long_mode_guest(root, code, paged=True)
+    t, n = run_until_out(root, pid, msg)
+    return sweeps * (4 + 4 * pages + 2), t, n, sweeps * pages
+
+
+def bench_exits(root, count):
+    # L: out 0x80, al; jmp L
+    pid, msg = long_mode_guest(root, bytes.fromhex("e680" "ebfc"))
+    start = time.perf_counter()
+    for _ in range(count):
+        state, event = root.dispatch(pid, 0, S.HV_DISPATCH_VP_FLAG_CLEAR_INTERCEPT_SUSPEND)
+        assert event == S.HV_VP_DISPATCH_EVENT_INTERCEPT
+        rip = root.get_regs(pid, 0, [R.HV_X64_REGISTER_RIP])[0]
+        assert root.set_regs(pid, 0, [(R.HV_X64_REGISTER_RIP, rip + 2)])[0] == S.HV_STATUS_SUCCESS
+    return count, time.perf_counter() - start
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply the work (default 1)")
+    args = ap.parse_args(argv)
+    sc = args.scale
+    root = Root()
+    root.hv.time_slice = 0.25
+    print("hvsim child-VP benchmarks (patched Unicorn, model/cpu.py); time slice %.2f s"
+          % root.hv.time_slice)
+    print("%-10s %14s %9s %10s %10s  %s" % ("bench", "instructions", "seconds", "MIPS", "dispatches", "note"))
+    try:
+        insns, t, n = bench_compute(root, int(40_000_000 * sc))
+        print("%-10s %14d %9.3f %10.1f %10d" % ("compute", insns, t, insns / t / 1e6, n))
+        insns, t, n = bench_memory(root, max(1, int(100 * sc)))
+        print("%-10s %14d %9.3f %10.1f %10d" % ("memory", insns, t, insns / t / 1e6, n))
+        insns, t, n, misses = bench_page_walk(root, max(1, int(200 * sc)))
+        print("%-10s %14d %9.3f %10.1f %10d  %.0f ns per TLB miss (%d misses)"
+              % ("page-walk", insns, t, insns / t / 1e6, n, t / misses * 1e9, misses))
+        count, t = bench_exits(root, max(1, int(2000 * sc)))
+        print("%-10s %14d %9.3f %10.3f %10d  %.1f us per intercept round trip"
+              % ("exits", count, t, count / t / 1e6, count, t / count * 1e6))
+    finally:
+        root.close()
+
+
+if __name__ == "__main__":
+    main()
