@@ -162,6 +162,12 @@ class Engine:
         self.runs = 0
         self.exits = {}
         self._event = None          # (kind, vector, error_code) to inject at the next entry
+        # flush requests from other threads (FLUSH_TLB, FLUSH_CODE bits), done
+        # before the next guest instruction; _flush_done counts completions
+        self._flush_cond = threading.Condition()
+        self._flush_req = 0
+        self._flush_seq = self._flush_done = 0
+        self.in_cpu = False         # inside uc.emu_start (guarded by _flush_cond)
         self.uc.hook_add(UC_HOOK_MEM_UNMAPPED | UC_HOOK_MEM_PROT, self._on_mem)
         self.rf = ucx.RegFile(GPR_UC + [X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS] + CR_UC + DR_UC,
                               XMM_UC, [MSR_EFER] + list(NATIVE_MSRS.values()),
@@ -176,6 +182,45 @@ class Engine:
         and re-check should_stop(), irq_pending() and its deadline. A kick
         while nothing runs ends the next run's first block at once."""
         ucx.kick(self.uc)
+
+    FLUSH_TLB, FLUSH_CODE = 1, 2
+
+    def flush_tlb(self, wait=1.0):
+        """Thread-safe: flush this VP's TLB before it runs another guest
+        instruction (a guest TLB-flush hypercall for another VP). If the VP is
+        inside the CPU now, wait (up to `wait` s) until it has flushed, as a
+        flush hypercall returns only when the targets' TLBs are clean."""
+        self._request_flush(self.FLUSH_TLB, wait)
+
+    def flush_code(self, wait=1.0):
+        """Thread-safe: drop this VP's translated code (and TLB) before its
+        next guest instruction: the hypervisor rewrote guest code (an overlay
+        page) through root RAM."""
+        self._request_flush(self.FLUSH_CODE, wait)
+
+    def _request_flush(self, what, wait):
+        with self._flush_cond:
+            self._flush_req |= what
+            self._flush_seq += 1
+            seq = self._flush_seq
+            if not self.in_cpu:
+                return          # done at this VP's next entry, before any guest instruction
+        self.kick()
+        with self._flush_cond:
+            # flushed, or out of the CPU (then it flushes before it re-enters)
+            self._flush_cond.wait_for(lambda: self._flush_done >= seq or not self.in_cpu, wait)
+
+    def _do_flushes(self):
+        with self._flush_cond:
+            req, seq = self._flush_req, self._flush_seq
+            self._flush_req = 0
+        if req & self.FLUSH_CODE:
+            self._flush()
+        elif req & self.FLUSH_TLB:
+            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        with self._flush_cond:
+            self._flush_done = max(self._flush_done, seq)
+            self._flush_cond.notify_all()
 
     def tsc(self):
         """The guest's TSC now (what RDTSC returns, before TSC_AUX/offsets the guest wrote)."""
@@ -471,6 +516,11 @@ class Engine:
             # an NMI waits for the IRET that unblocks NMIs; an interrupt for IF=1
             ucx.irq_window(uc, (ucx.WINDOW_IRQ if k else 0)
                            | (ucx.WINDOW_NMI if apic.nmi_pending and apic.nmi_blocked else 0))
+            with self._flush_cond:
+                self.in_cpu = True      # from here a flush request kicks and waits
+                pending = self._flush_req
+            if pending:
+                self._do_flushes()
             self.mem_exit = None
             self.consumed = None
             try:
@@ -478,6 +528,10 @@ class Engine:
                 err = None
             except UcError as e:
                 err = e
+            finally:
+                with self._flush_cond:
+                    self.in_cpu = False
+                    self._flush_cond.notify_all()
             reason, vector, error_code = ucx.exit_reason(uc)
             name = ucx.EXIT_NAMES.get(reason, reason)
             self.exits[name] = self.exits.get(name, 0) + 1
@@ -627,7 +681,8 @@ class Engine:
             sel, _b, _l, ssflags = ucx.get_segment(uc, 2)
             cpl = (ssflags >> DESC_DPL_SHIFT) & 3 if uc.reg_read(X.UC_X86_REG_CR0) & CR0_PE else 0
             verdict, res = decide("vmcall", gpr=list(uc.reg_read_batch(GPR_UC)),
-                                  xmm=[uc.reg_read(x) for x in XMM_UC], cpl=cpl, long64=long64)
+                                  xmm=[uc.reg_read(x) for x in XMM_UC], cpl=cpl, long64=long64,
+                                  cr0=uc.reg_read(X.UC_X86_REG_CR0))
             if verdict == "exit":
                 return Exit("vmcall", rip_lin=lin, length=length)
             if verdict == "exception":

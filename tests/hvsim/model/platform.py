@@ -560,17 +560,11 @@ class GuestPlatform:
         """Guest code bytes changed under Unicorn: drop its translations. The
         calling VP is stopped at its WRMSR exit (its own thread): flushed now;
         a VP that is not running re-syncs its maps (and flushes) at its next
-        run. TODO(engine): a running VP on another thread is not flushed
-        (needs a thread-safe Engine.flush_tb()); a freshly allocated
-        hypercall page was never executed, so it has no stale translations."""
+        run; a VP running on another thread is kicked and flushes before
+        its next instruction (Engine.flush_code)."""
         for vp in p.vps.values():
-            eng = vp.engine
-            if eng is None:
-                continue
-            if vp is caller and hasattr(eng, "uc"):
-                eng.uc.ctl_flush_tb()
-            elif not vp.running:
-                eng.map_gen = -1
+            if vp.engine is not None:
+                vp.engine.flush_code()      # before its next guest instruction
 
     def _write_ref_tsc(self, vp, ps, value):
         R = S.hv_x64_msr_reference_tsc_contents
