@@ -8,6 +8,7 @@
 #include <linux/cpumask.h>
 #include <linux/gfp.h>
 #include <linux/irqflags.h>
+#include <linux/log2.h>
 #include <linux/mm.h>
 #include <linux/percpu.h>
 #include <linux/printk.h>
@@ -102,10 +103,48 @@ free:
 	return ret;
 }
 
+/*
+ * Give @partition_id one physically contiguous, naturally aligned chunk of
+ * MSHVR_HV_MAX_CONTIGUOUS_ALLOCATION_PAGES pages, for a call that failed with
+ * INSUFFICIENT_CONTIGUOUS_(ROOT_)MEMORY: single pages never satisfy it. The
+ * chunk is split so that each page is withdrawn and freed on its own.
+ */
+static int mshvr_hv_deposit_contiguous(u64 partition_id)
+{
+	const unsigned int n = MSHVR_HV_MAX_CONTIGUOUS_ALLOCATION_PAGES;
+	const unsigned int order = ilog2(n);
+	struct page *pg;
+	u64 *pfns;
+	u32 done = 0;
+	unsigned int i;
+	int ret;
+
+	BUILD_BUG_ON(!is_power_of_2(MSHVR_HV_MAX_CONTIGUOUS_ALLOCATION_PAGES));
+	pfns = kcalloc(n, sizeof(*pfns), GFP_KERNEL);
+	if (!pfns)
+		return -ENOMEM;
+	pg = alloc_pages(GFP_KERNEL_ACCOUNT, order);
+	if (!pg) {
+		kfree(pfns);
+		return -ENOMEM;
+	}
+	split_page(pg, order);
+	for (i = 0; i < n; i++)
+		pfns[i] = page_to_pfn(pg) + i;
+	ret = mshvr_hvcall_deposit_memory(partition_id, pfns, n, &done, NULL);
+	/* pages the hypervisor did not take are still ours */
+	for (; done < n; done++)
+		__free_page(pfn_to_page(pfns[done]));
+	kfree(pfns);
+	return ret;
+}
+
 int mshvr_hv_deposit_on_status(u16 status, u64 target_partition_id, bool into_root,
 			       unsigned int pages, unsigned int *attempt)
 {
 	u64 id = into_root ? mshvr_self_id : target_partition_id;
+	bool contiguous = status == MSHVR_HV_STATUS_INSUFFICIENT_CONTIGUOUS_MEMORY ||
+			  status == MSHVR_HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY;
 
 	if (status == MSHVR_HV_STATUS_INSUFFICIENT_ROOT_MEMORY ||
 	    status == MSHVR_HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY)
@@ -117,6 +156,8 @@ int mshvr_hv_deposit_on_status(u16 status, u64 target_partition_id, bool into_ro
 	}
 	if (fatal_signal_pending(current))
 		return -EINTR;
+	if (contiguous)
+		return mshvr_hv_deposit_contiguous(id);
 	return mshvr_hv_deposit(id, pages);
 }
 

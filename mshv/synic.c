@@ -7,7 +7,8 @@
  * handler:
  *   HVMSG_SYNIC_SINT_INTERCEPT   doorbells: drain the doorbell SINT's event
  *                                ring of that CPU, signal each port
- *   HVMSG_SCHEDULER_VP_SIGNAL_*  kick the VPs' run loops (root scheduler)
+ *   HVMSG_SCHEDULER_VP_SIGNAL_*  kick the VPs' run loops (root scheduler);
+ *                                a BITSET with overflow kicks them all
  *   HVMSG_ASYNC_CALL_COMPLETION  wake the partition's waiting hypercall
  *   HVMSG_OPAQUE_INTERCEPT       kick the VP's run loop (core scheduler)
  *   HVMSG_X64_APIC_EOI           resample the irqfds of the EOIed vector
@@ -89,6 +90,50 @@ static void mshvr_apic_eoi(u64 partition_id, const struct mshvr_hv_x64_apic_eoi_
 	rcu_read_unlock();
 }
 
+/*
+ * Kick every VP of @partition_id: a scheduler message that cannot name its
+ * VPs (signals lost to overflow, or a set format other than sparse 4K) means
+ * any of them may have been signalled.
+ */
+static void mshvr_kick_all(u64 partition_id)
+{
+	struct mshvr_partition *pt;
+	unsigned long index;
+	void *vp;
+
+	rcu_read_lock();
+	pt = xa_load(&mshvr_partitions, partition_id);
+	if (pt) {
+		xa_for_each(&pt->vps, index, vp)
+			mshvr_vp_kick(partition_id, index);
+	}
+	rcu_read_unlock();
+}
+
+static void mshvr_kick_bitset(const struct mshvr_hv_vp_signal_bitset_scheduler_message *m)
+{
+	unsigned int bank = 0, b;
+
+	if (m->vpset_format != MSHVR_HV_GENERIC_SET_SPARSE_4K || m->overflow_count) {
+		mshvr_kick_all(m->partition_id);
+		return;
+	}
+	/* sparse 4K format: each set bit of the mask names a 64-VP bank */
+	for (b = 0; b < 64 && bank < ARRAY_SIZE(m->bank_contents); b++) {
+		u64 bits;
+
+		if (!(m->valid_bank_mask & BIT_ULL(b)))
+			continue;
+		bits = m->bank_contents[bank++];
+		while (bits) {
+			unsigned int v = __ffs64(bits);
+
+			bits &= bits - 1;
+			mshvr_vp_kick(m->partition_id, b * 64 + v);
+		}
+	}
+}
+
 /* Hard-IRQ context, on behalf of root CPU @cpu (see seam.h). */
 void mshvr_synic_isr(unsigned int cpu, void *simp, void *siefp, void *sirbp)
 {
@@ -128,26 +173,9 @@ void mshvr_synic_isr(unsigned int cpu, void *simp, void *siefp, void *sirbp)
 			mshvr_vp_kick(m->partition_ids[i], m->vp_indexes[i]);
 		break;
 	}
-	case MSHVR_HVMSG_SCHEDULER_VP_SIGNAL_BITSET: {
-		const struct mshvr_hv_vp_signal_bitset_scheduler_message *m = (const void *)msg->payload;
-		unsigned int bank = 0, b;
-
-		/* sparse 4K format: each set bit of the mask names a 64-VP bank */
-		for (b = 0; b < 64 && bank < ARRAY_SIZE(m->bank_contents); b++) {
-			u64 bits;
-
-			if (!(m->valid_bank_mask & BIT_ULL(b)))
-				continue;
-			bits = m->bank_contents[bank++];
-			while (bits) {
-				unsigned int v = __ffs64(bits);
-
-				bits &= bits - 1;
-				mshvr_vp_kick(m->partition_id, b * 64 + v);
-			}
-		}
+	case MSHVR_HVMSG_SCHEDULER_VP_SIGNAL_BITSET:
+		mshvr_kick_bitset((const void *)msg->payload);
 		break;
-	}
 	default:
 		pr_warn_ratelimited("unexpected SynIC message %#x on cpu %u\n", type, cpu);
 		break;

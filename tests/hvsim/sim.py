@@ -154,7 +154,9 @@ class Simulator:
     def control(self, command):
         """Fault injection from inside the root (debugfs mshv_hvsim/control):
         'fail_next <hypercall> <HV_STATUS_x> [nth]', 'insufficient_memory_once
-        <hypercall>', 'async_next <hypercall>', 'rep_limit <n> [hypercall]', 'reset'.
+        <hypercall>', 'contiguous_next <hypercall> [root]', 'kick_form
+        pair|bitset|overflow|random', 'async_next <hypercall>', 'rep_limit <n>
+        [hypercall]', 'reset'.
         Returns 0 or 1."""
         words = command.split()
         try:
@@ -165,6 +167,12 @@ class Simulator:
                 self.hv.async_next(S.HVCALL_BY_NAME[words[1]])
             elif words[0] == "insufficient_memory_once":
                 self.hv.insufficient_memory_once(S.HVCALL_BY_NAME[words[1]])
+            elif words[0] == "contiguous_next":
+                if len(words) > 2 and words[2] != "root":
+                    return 1
+                self.hv.contiguous_next(S.HVCALL_BY_NAME[words[1]], root=len(words) > 2)
+            elif words[0] == "kick_form":
+                self.hv.kick_form = None if words[1] == "random" else words[1]
             elif words[0] == "rep_limit":
                 code = S.HVCALL_BY_NAME[words[2]] if len(words) > 2 else None
                 self.hv.set_rep_limit(int(words[1]), code=code)
@@ -201,4 +209,7 @@ class Simulator:
             "creation_flags": {pid: st["partitions"][pid]["flags"] for pid in kids},
             "calls": st["calls"],
             "statuses": st["statuses"],
+            # scheduler kicks sent, by form (pair, bitset, overflow, *_merged)
+            "kicks": st["kicks"],
+            "scheduler": st["scheduler"],
         }

@@ -659,7 +659,7 @@ def test_xapic_eoi_and_isr_reads(root):
 
 
 def test_apic_page_without_lapic_is_an_mmio_exit(root):
-    pid = root.new_guest()
+    pid = root.new_guest(flags=LAPIC_FLAGS & ~S.HV_PARTITION_CREATION_FLAG_LAPIC_ENABLED)
     msg = protected_mode(root, pid, bytes.fromhex("a13000e0fe" "e780"))
     assert root.dispatch(pid, 0) == READY_INTERCEPT
     mtype, payload = root.message(msg)

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model.testkit import Root, S, ROOT_ID, seg_pack, table_pack  # noqa: E402
+from model.hv import COSTS  # noqa: E402
 from model_fixtures import root, core  # noqa: E402,F401 (pytest fixtures)
 
 R = S
@@ -137,7 +138,8 @@ def test_create_port_checks(root):
     assert root.st(S.HVCALL_CREATE_PORT, inp) == P
     inp.port_info.event_flags = 1 << 40                                  # event_flags.rsvd (MBZ)
     assert root.st(S.HVCALL_CREATE_PORT, inp) == P
-    assert root.hv.stats()["ports"] == 0 and root.hv.root.held_count() == 2   # only the partition
+    assert root.hv.stats()["ports"] == 0 and \
+        root.hv.root.held_count() == 2 + COSTS["create_vp_root"]         # only the partition and its VP
     assert c(1, pid, vp=1) == S.HV_STATUS_SUCCESS
     assert c(1, pid) == S.HV_STATUS_INVALID_PORT_ID                      # duplicate
     assert c(2, 0) == S.HV_STATUS_SUCCESS                                # no connection partition
@@ -524,9 +526,9 @@ def test_query_report_counts_ports_and_connections_of_children(root):
     root.doorbell(pid, 5, DB, flags=ANY)
     q = report()
     assert (q["ports"], q["connections"]) == (1, 1)
-    assert q["root_pool_used"] == 2 + 2                        # the partition, two ports
+    assert q["root_pool_used"] == 2 + COSTS["create_vp_root"] + 2   # the partition, its VP, two ports
     assert root.disconnect_port(5, pid) == S.HV_STATUS_SUCCESS
     assert root.delete_port(5) == S.HV_STATUS_SUCCESS
     assert root.delete_port(3) == S.HV_STATUS_SUCCESS
     q = report()
-    assert (q["ports"], q["connections"], q["root_pool_used"]) == (0, 0, 2)
+    assert (q["ports"], q["connections"], q["root_pool_used"]) == (0, 0, 2 + COSTS["create_vp_root"])

@@ -155,6 +155,61 @@ def test_root_hvcall_deposits_and_retries():
     os.close(mshv)
 
 
+def _status_count(name):
+    return sim_query()["statuses"].get(name, 0)
+
+
+def test_create_vp_deposits_contiguous_memory():
+    """CreateVp that needs physically contiguous pages: the driver answers
+    INSUFFICIENT_CONTIGUOUS_MEMORY with one contiguous chunk (single pages
+    never satisfy it), and the chunk is withdrawn page by page at teardown."""
+    mshv = open_mshv()
+    pt = Partition(mshv)
+    before = _status_count("HV_STATUS_INSUFFICIENT_CONTIGUOUS_MEMORY")
+    deposits = sim_query()["calls"].get("deposit_memory", 0)
+    sim_control("contiguous_next create_vp")
+    try:
+        vp = pt.vp(0)
+        vp.set_regs([(S.HV_X64_REGISTER_RAX, 1)])
+        assert _status_count("HV_STATUS_INSUFFICIENT_CONTIGUOUS_MEMORY") == before + 1
+        # the up-front deposit, then one chunk (not thousands of single pages)
+        assert sim_query()["calls"]["deposit_memory"] <= deposits + 3
+    finally:
+        sim_control("reset")            # an unsatisfied request must not outlive the test
+        pt.close()
+        os.close(mshv)
+
+
+def test_create_vp_deposits_contiguous_root_memory():
+    mshv = open_mshv()
+    pt = Partition(mshv)
+    before = _status_count("HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY")
+    sim_control("contiguous_next create_vp root")
+    try:
+        pt.vp(0)
+        assert _status_count("HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY") == before + 1
+    finally:
+        sim_control("reset")
+        pt.close()
+        os.close(mshv)
+
+
+def test_create_vp_deposits_into_the_root_on_insufficient_root_memory():
+    """Every VP costs a page of the root's pool: once the root's free pages
+    are used up, CreateVp answers INSUFFICIENT_ROOT_MEMORY and the driver
+    deposits into the root, not into the child."""
+    mshv = open_mshv()
+    pt = Partition(mshv)
+    q = sim_query()
+    before = _status_count("HV_STATUS_INSUFFICIENT_ROOT_MEMORY")
+    spare = q["root_pool_pages"] - q["root_pool_used"]
+    vps = [pt.vp(i) for i in range(spare + 1)]
+    assert len(vps) == spare + 1
+    assert _status_count("HV_STATUS_INSUFFICIENT_ROOT_MEMORY") >= before + 1
+    pt.close()
+    os.close(mshv)
+
+
 def test_async_property_set_is_waited_for():
     mshv = open_mshv()
     pt = Partition(mshv)

@@ -12,7 +12,7 @@ import threading
 import time
 
 import mshv_spec as S
-from mshvlib import GuestMemory, Partition, open_mshv, run_tests
+from mshvlib import GuestMemory, Partition, open_mshv, run_tests, sim_control, sim_query
 
 PAGE = 4096
 VECTOR = 0x30
@@ -23,6 +23,10 @@ CS, RSP = 1, 4
 libc = ctypes.CDLL(None, use_errno=True)
 
 
+# the hypervisor's APIC takes interrupts only in partitions created with it
+LAPIC = 1 << S.MSHV_PT_BIT_LAPIC
+
+
 def _handler(vector):
     return bytes([0xB0, vector, 0xE6, 0x80, 0xF4])     # mov $vector,%al; out %al,$0x80; hlt
 
@@ -30,7 +34,7 @@ def _handler(vector):
 def _guest(main, vectors=(VECTOR,)):
     """Real-mode guest at GPA 0: IVT entries for `vectors`, main code at MAIN."""
     mshv = open_mshv()
-    pt = Partition(mshv)
+    pt = Partition(mshv, flags=LAPIC)
     mem = GuestMemory(4 * PAGE)
     for k, v in enumerate(vectors):
         mem.write(v * 4, struct.pack("<HH", HANDLER + 16 * k, 0))
@@ -96,6 +100,39 @@ def test_interrupt_wakes_a_halted_guest():
     os.close(mshv)
 
 
+def test_every_kick_form_wakes_a_halted_guest():
+    """Root scheduler: the hypervisor kicks a halted VP with VP_SIGNAL_PAIR,
+    VP_SIGNAL_BITSET, or a BITSET whose overflow names no VP (the driver
+    must then kick every VP of the partition). Each form must wake the run."""
+    def stuck(*_a):
+        raise TimeoutError("the kick did not wake the run")
+    old = signal.signal(signal.SIGALRM, stuck)
+    try:
+        for form in ("pair", "bitset", "overflow"):
+            sim_control(f"kick_form {form}")
+            before = sim_query()["kicks"].get(form, 0)
+            mshv, pt, mem, vp = _guest(STI_HLT)
+            try:
+                got = []
+                th = _assert_later(pt, 0.3, got)
+                signal.setitimer(signal.ITIMER_REAL, 20)
+                try:
+                    msg = vp.run()
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    th.join(30)
+                _check_handler_exit(msg, mem)
+                q = sim_query()
+                if q["scheduler"] == "root":
+                    assert q["kicks"].get(form, 0) > before, (form, q["kicks"])
+            finally:
+                pt.close()              # a lost kick must not leave the VP to the next test
+                os.close(mshv)
+    finally:
+        sim_control("kick_form random")
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_interrupt_reaches_a_running_guest():
     mshv, pt, mem, vp = _guest(STI_LOOP)
     got = []
@@ -154,7 +191,7 @@ def test_signal_interrupts_a_halted_run():
 
 def test_assert_checks():
     mshv = open_mshv()
-    pt = Partition(mshv)
+    pt = Partition(mshv, flags=LAPIC)
     pt.vp(0)
     st, err = _assert_irq(pt, vector=5)
     assert st == S.HV_STATUS_INVALID_PARAMETER and err, (hex(st), err)

@@ -293,6 +293,14 @@ def test_large_pages_need_the_partition_flag():
     hp.close()
 
 
+def _track(pt):
+    """Turn on GPA access tracking (as a VMM does before dirty logging):
+    GetGpaPagesAccessStates is refused without it."""
+    inp = S.hv_input_set_partition_property(property_code=S.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING,
+                                            property_value=1)
+    assert pt.hvcall(S.HVCALL_SET_PARTITION_PROPERTY, bytes(inp))[0] == 0
+
+
 def _bitmap(pt, base_gfn, count, kind, op):
     out = ctypes.create_string_buffer((count + 7) // 8 + 8)
     ctypes.memset(out, 0xEE, len(out))            # stale bytes must be overwritten
@@ -306,6 +314,7 @@ def test_gpap_bitmap_read_clear_and_set():
     mshv, pt = _pt()
     mem = GuestMemory(13 * 4096)
     pt.map(mem, 0x100000)
+    _track(pt)
     base = 0x100000 // 4096
     A, D = S.MSHV_GPAP_ACCESS_TYPE_ACCESSED, S.MSHV_GPAP_ACCESS_TYPE_DIRTY
     bits, tail = _bitmap(pt, base, 13, D, S.MSHV_GPAP_ACCESS_OP_NOOP)
@@ -325,6 +334,19 @@ def test_gpap_bitmap_read_clear_and_set():
     _done(mshv, pt)
 
 
+def test_gpap_bitmap_needs_access_tracking():
+    mshv, pt = _pt()
+    mem = GuestMemory(4096)
+    pt.map(mem, 0)
+    out = ctypes.create_string_buffer(8)
+    a = S.mshv_gpap_access_bitmap(page_count=1, bitmap_ptr=ctypes.addressof(out))
+    expect_errno(errno.EIO, ioctl, pt.fd, S.MSHV_GET_GPAP_ACCESS_BITMAP, a)
+    _track(pt)
+    ioctl(pt.fd, S.MSHV_GET_GPAP_ACCESS_BITMAP, a)
+    pt.unmap(mem, 0)
+    _done(mshv, pt)
+
+
 def test_gpap_bitmap_argument_errors():
     mshv, pt = _pt()
     out = ctypes.create_string_buffer(8)
@@ -339,6 +361,7 @@ def test_gpap_bitmap_argument_errors():
     expect_errno(errno.EINVAL, ioctl, pt.fd, S.MSHV_GET_GPAP_ACCESS_BITMAP, a)
     mem = GuestMemory(4096)
     pt.map(mem, 0)
+    _track(pt)
     expect_errno(errno.EFAULT, ioctl, pt.fd, S.MSHV_GET_GPAP_ACCESS_BITMAP,
                  S.mshv_gpap_access_bitmap(page_count=1, bitmap_ptr=8))
     _done(mshv, pt)

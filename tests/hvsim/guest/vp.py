@@ -133,7 +133,7 @@ def _state(vp, kind, size, data=None, buf_sz=None):
 
 def test_vp_state_lapic_round_trip():
     mshv = open_mshv()
-    pt = Partition(mshv)
+    pt = Partition(mshv, flags=1 << S.MSHV_PT_BIT_LAPIC)     # only an emulated APIC has state
     vp = pt.vp(3)
     n, blob = _state(vp, S.MSHV_VP_STATE_LAPIC, PAGE)
     assert n == PAGE

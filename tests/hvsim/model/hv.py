@@ -16,6 +16,8 @@ Every input is decoded with the generated bindings (gen/python/mshv_spec.py).
 """
 
 import collections
+import os
+import random
 import struct
 import threading
 import time
@@ -80,6 +82,11 @@ COSTS = {
     "create_partition": 2,        # from the ROOT pool
     "initialize_partition": 160,  # from the child's pool
     "create_vp": 64,              # from the child's pool
+    "create_vp_root": 1,          # from the ROOT pool (root-side VP state): INSUFFICIENT_ROOT_MEMORY
+    "map_vp_state_page": 1,       # from the child's pool, per state page mapped
+    "install_intercept": 1,       # from the child's pool, per intercept type first installed
+    "synic_enable": 1,            # child pool: SetVpRegisters turning SCONTROL.enable on (per VP)
+    "access_tracking": 1,         # child pool: SetPartitionProperty GPA_PAGE_ACCESS_TRACKING 0 -> 1
     "create_port": 1,             # from the port partition's pool (the root for doorbells)
     "connect_port": 1,            # from the connection partition's pool
     # MapGpaPages: one page per 2 MiB GPA region holding 4 KiB mappings plus one
@@ -87,6 +94,12 @@ COSTS = {
 }
 
 ST_CREATED, ST_INITIALIZED, ST_FINALIZED = "created", "initialized", "finalized"
+
+# Deposited pages hold this 8-byte pattern (little-endian u64) while the
+# hypervisor owns them; a withdrawn page that lost it was written by the root.
+POOL_PATTERN = struct.pack("<Q", 0x6C6F6F7056485F5F)   # "__HVPool"
+# A contiguous request asks for one deposit chunk of this many pages.
+CONTIGUOUS_PAGES = S.HV_MAX_CONTIGUOUS_ALLOCATION_PAGES
 
 SEG_NAMES = ["ES", "CS", "SS", "DS", "FS", "GS"]
 GPR_NAMES = ["RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
@@ -252,6 +265,7 @@ class RootSynic:
         self.queues = collections.defaultdict(collections.deque)
         self.heads = [0] * SINT_COUNT     # the hypervisor's write index per SINT ring
         self.kept = [[] for _ in range(SINT_COUNT)]   # port ids held back while a ring is full
+        self.enabled = False              # the root enabled SIMP and its SINTs (HVSIM_OP_SYNIC_PAGES)
 
 
 class Hypervisor:
@@ -281,6 +295,11 @@ class Hypervisor:
         self.partitions = {ROOT_ID: self.root}
         self._next_pid = 0x10
         self.deposited = {}           # pfn -> partition id (pool pages anywhere)
+        self.batch = {}               # deposited pfn -> (DepositMemory call, its chunk size)
+        self._batch_seq = 0
+        self._contig = {}             # code -> (pages, from root?): armed contiguous requests
+        self._cur_code = None         # the hypercall being handled (for the contiguous knob)
+        self.provided_pages = set()   # root pfns given as MapVpStatePage locations
         self.mapped = collections.Counter()   # root pfn -> number of child GPA mappings
         self.synic = {}
         self._dispatching = {}        # root CPU -> VP its DispatchVp is running (root scheduler)
@@ -306,6 +325,14 @@ class Hypervisor:
         # DispatchVp of a VP halted with IF=1 (HLT, nothing pending): BLOCKED + this
         # event. Undocumented; anything but SUSPEND is Linux's "root_sched_blocked".
         self.halt_event = S.HV_VP_DISPATCH_EVENT_INVALID
+        # Scheduler kicks: "pair" (VP_SIGNAL_PAIR), "bitset" (VP_SIGNAL_BITSET,
+        # merged into a queued one for the same partition), "overflow" (a
+        # BITSET whose overflow_count says signals were lost: the root must
+        # look at every VP of the partition), or None: chosen at random from
+        # a generator seeded by HVSIM_SEED (default 0), so a run repeats.
+        self.kick_form = os.environ.get("HVSIM_KICK_FORM") or None
+        self.kick_rng = random.Random(int(os.environ.get("HVSIM_SEED", "0"), 0))
+        self.kicks = collections.Counter()   # form -> messages sent
         self.props_root = self._root_props()
         self.child_prop_defaults = self._child_props()
         self._closed = False
@@ -427,6 +454,16 @@ class Hypervisor:
     def insufficient_memory_once(self, code):
         self.fail_next(code, S.HV_STATUS_INSUFFICIENT_MEMORY)
 
+    def contiguous_next(self, code, pages=CONTIGUOUS_PAGES, root=False):
+        """The next call of `code` that charges a pool also needs `pages`
+        physically contiguous pages (a naturally aligned run deposited by one
+        DepositMemory call) from the target's pool, or the root's with
+        root=True. Until they are there it fails with
+        INSUFFICIENT_CONTIGUOUS_MEMORY (_ROOT_MEMORY); the request stays armed
+        until a call of `code` succeeds in charging it."""
+        with self._lock:
+            self._contig[code] = (pages, root)
+
     def delay(self, code, seconds):
         with self._lock:
             if seconds:
@@ -447,6 +484,7 @@ class Hypervisor:
             self._faults.clear()
             self._delays.clear()
             self.rep_limit.clear()
+            self._contig.clear()
 
     # ================================================================ introspection
     def stats(self):
@@ -487,6 +525,7 @@ class Hypervisor:
                         large_mappings=sum(v["maps_2m"] for v in parts.values()),
                         vps={pid: v["vps"] for pid, v in parts.items()},
                         contract_violations=list(self.contract_violations),
+                        kicks=dict(self.kicks),
                         root_pool_used=self.root.held_count())
 
     def report(self, last=40):
@@ -522,6 +561,7 @@ class Hypervisor:
             with self._lock:
                 self.calls[code] += 1
                 c = _Call(self, cpu, control, code, fast_api, in_gpa, out_gpa, fast_bytes)
+                self._cur_code = code
                 status = c.validate()
                 if status is None:
                     status = self._inject(code)
@@ -594,16 +634,63 @@ class Hypervisor:
             raise HvError(S.HV_STATUS_INVALID_VP_INDEX)
         return vp
 
-    def _take(self, p, n, key):
-        if len(p.free) < n:
+    def _find_run(self, pool, k):
+        """A naturally aligned run of k free pages of `pool` from one
+        contiguous chunk (a DepositMemory call whose pages were one naturally
+        aligned power-of-two run of at least k pages: the model's stand-in
+        for a higher-order allocation), or None."""
+        free = set(pool.free)
+        for pfn in pool.free:
+            b = self.batch.get(pfn)
+            if b is None or b[1] < k or pfn % k:
+                continue
+            if all(pfn + j in free and self.batch.get(pfn + j) == b for j in range(k)):
+                return [pfn + j for j in range(k)]
+        return None
+
+    def _take(self, p, n, key, root_n=0):
+        """Charge an object: n pages from p's pool (held by p under `key`) and
+        root_n pages from the root's pool (held by the root under
+        ("for", p.id, key)), all or nothing. A contiguous request armed for
+        the current call (contiguous_next) adds its run. Statuses:
+        INSUFFICIENT_MEMORY (p's pool), INSUFFICIENT_ROOT_MEMORY (the root's
+        pool charged for a child), and the CONTIGUOUS variants."""
+        root = self.root
+        rkey = ("for", p.id, key)
+        contig = self._contig.get(self._cur_code)
+        run = pool_of_run = None
+        if contig:
+            pages, in_root = contig
+            pool_of_run = root if in_root else p
+            run = self._find_run(pool_of_run, pages)
+            if run is None:
+                raise HvError(S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY
+                              if pool_of_run is root and p is not root
+                              else S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_MEMORY)
+        need_p = n + (len(run) if run and pool_of_run is p else 0)
+        if len(p.free) < need_p:
             raise HvError(S.HV_STATUS_INSUFFICIENT_MEMORY)
+        if p is not root:
+            need_r = root_n + (len(run) if run and pool_of_run is root else 0)
+            if len(root.free) < need_r:
+                raise HvError(S.HV_STATUS_INSUFFICIENT_ROOT_MEMORY)
+        if run:
+            del self._contig[self._cur_code]
+            for x in run:
+                pool_of_run.free.remove(x)
+            pool_of_run.held.setdefault(key if pool_of_run is p else rkey, []).extend(run)
         pages = [p.free.pop() for _ in range(n)]
         p.held.setdefault(key, []).extend(pages)
+        if root_n:
+            pool = root if p is not root else p
+            pool.held.setdefault(rkey, []).extend(pool.free.pop() for _ in range(root_n))
         return pages
 
     def _give_back(self, p, key):
         pages = p.held.pop(key, [])
         p.free.extend(pages)
+        rpages = self.root.held.pop(("for", p.id, key), [])
+        self.root.free.extend(rpages)
 
     # ================================================================ partitions
     def _hc_create_partition(self, c):
@@ -649,6 +736,8 @@ class Hypervisor:
         self._unmap_all(p)
         for key in list(p.held):
             self._give_back(p, key)
+        for key in [k for k in self.root.held if k[0] == "for" and k[1] == p.id]:
+            self.root.free.extend(self.root.held.pop(key))
         for key in [k for k in self.stats_pages if k[1] == p.id]:
             self._free_overlay(self.stats_pages.pop(key))
         # the TLFS: finalize deletes the partition's remaining ports and
@@ -731,6 +820,18 @@ class Hypervisor:
             return S.HV_STATUS_ACCESS_DENIED
         if code in self.EARLY_PROPS and p.state != ST_CREATED:
             return S.HV_STATUS_INVALID_PARTITION_STATE
+        if code == S.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING:
+            on = c.inp.property_value
+            if on not in (0, 1):
+                return S.HV_STATUS_INVALID_PARAMETER
+            if on and not p.props.get(code):
+                try:
+                    # the tracking bitmap comes from the partition's pool
+                    self._take(p, self.costs["access_tracking"], ("tracking",))
+                except HvError as e:
+                    return e.status
+            elif not on:
+                self._give_back(p, ("tracking",))
         p.props[code] = c.inp.property_value
         return S.HV_STATUS_SUCCESS
 
@@ -756,14 +857,32 @@ class Hypervisor:
         p = self._part(c.inp.partition_id)
         if p.state == ST_FINALIZED:
             return S.HV_STATUS_INVALID_PARTITION_STATE
+        self._batch_seq += 1
+        given = [c.rep_in(i) for i in range(c.rep_start, c.rep_count)]
+        n = len(given)
+        chunk = n if (n & (n - 1) == 0 and given[0] % n == 0 and
+                      given == list(range(given[0], given[0] + n))) else 1
         for i in c.reps():
             pfn = c.rep_in(i)
+            # a frame the hypervisor owns (reserved/overlay, already deposited,
+            # a provided state page) or one a child maps is refused
             if not self.is_ram(pfn) or self.in_reserved(pfn) or pfn in self.deposited \
-                    or self.mapped[pfn]:
+                    or self.mapped[pfn] or pfn in self.provided_pages:
                 return S.HV_STATUS_INVALID_PARAMETER
             self.deposited[pfn] = p.id
+            self.batch[pfn] = (self._batch_seq, chunk)
+            self.mem.write(pfn << 12, POOL_PATTERN * (S.PAGE_SIZE // len(POOL_PATTERN)))
             p.free.append(pfn)
         return S.HV_STATUS_SUCCESS
+
+    def _check_pattern(self, pfn, owner):
+        """A page going back to the root must still hold the deposit pattern:
+        the root may not write into memory the hypervisor owns."""
+        if self.mem.read(pfn << 12, S.PAGE_SIZE) != POOL_PATTERN * (S.PAGE_SIZE // len(POOL_PATTERN)):
+            msg = (f"deposited page {pfn:#x} of partition {owner:#x} was written while the "
+                   f"hypervisor owned it (pattern lost at withdraw)")
+            self.contract_violations.append(msg)
+            self._log("contract: " + msg)
 
     def _hc_withdraw_memory(self, c):
         p = self._part(c.inp.partition_id)
@@ -771,7 +890,9 @@ class Hypervisor:
             if not p.free:
                 return S.HV_STATUS_NO_RESOURCES
             pfn = p.free.pop()
+            self._check_pattern(pfn, p.id)
             del self.deposited[pfn]
+            self.batch.pop(pfn, None)
             c.rep_out(i, pfn)
         return S.HV_STATUS_SUCCESS
 
@@ -934,6 +1055,11 @@ class Hypervisor:
         update the bits (simplification: Unicorn does not report them)."""
         p = self._child(c.inp.partition_id)
         f = c.inp
+        if (f.bits("flags", "clear_accessed") and f.bits("flags", "set_accessed")) or \
+                (f.bits("flags", "clear_dirty") and f.bits("flags", "set_dirty")):
+            return S.HV_STATUS_INVALID_PARAMETER       # contradictory flags
+        if not p.props.get(S.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING):
+            return S.HV_STATUS_INVALID_PARTITION_STATE  # tracking is off
         acc = S.HV_GPA_PAGE_ACCESS_STATE_ACCESSED
         dirty = S.HV_GPA_PAGE_ACCESS_STATE_DIRTY
         states = p.__dict__.setdefault("access_states", {})
@@ -965,6 +1091,9 @@ class Hypervisor:
         if i.access_type & ~allowed or i.intercept_type not in spec.enum("hv_intercept_type").values() \
                 or i.intercept_type == S.HV_INTERCEPT_TYPE_INVALID:
             return S.HV_STATUS_INVALID_PARAMETER
+        if ("intercept", i.intercept_type) not in p.held:
+            # the first intercept of a type allocates that type's table
+            self._take(p, self.costs["install_intercept"], ("intercept", i.intercept_type))
         p.intercepts[(i.intercept_type, i.intercept_parameter)] = i.access_type
         return S.HV_STATUS_SUCCESS
 
@@ -972,7 +1101,9 @@ class Hypervisor:
         i = c.inp
         p = self._child(i.partition_id)
         if i.intercept_type != S.HV_INTERCEPT_TYPE_X64_CPUID:
-            return S.HV_STATUS_SUCCESS       # MSR results: accepted, not modelled
+            # only CPUID results have a layout in the spec and an effect in
+            # the model: MSR results (and any other type) are refused
+            return S.HV_STATUS_INVALID_PARAMETER
         prm = i.parameters
         key = (prm.input_eax, prm.input_ecx if prm.subleaf_specific else None)
         res = (prm.eax, prm.eax_mask, prm.ebx, prm.ebx_mask, prm.ecx, prm.ecx_mask, prm.edx, prm.edx_mask)
@@ -1026,7 +1157,7 @@ class Hypervisor:
         p = self._child(i.partition_id)
         if i.vp_index >= MAX_VPS or i.vp_index in p.vps:
             return S.HV_STATUS_INVALID_VP_INDEX
-        self._take(p, self.costs["create_vp"], ("vp", i.vp_index))
+        self._take(p, self.costs["create_vp"], ("vp", i.vp_index), root_n=self.costs["create_vp_root"])
         vp = Vp(p, i.vp_index)
         vp.cpuid_results.update(getattr(p, "cpuid_all", {}))
         p.vps[i.vp_index] = vp
@@ -1040,7 +1171,11 @@ class Hypervisor:
         for t, (pfn, overlay) in list(vp.state_pages.items()):
             if overlay:
                 self._free_overlay(pfn)
+            else:
+                self.provided_pages.discard(pfn)
+            self._give_back(p, ("state", vp.index, t))
         vp.state_pages.clear()
+        self._give_back(p, ("synic", vp.index))
         if vp.engine:
             vp.engine.close()
             vp.engine = None
@@ -1152,6 +1287,62 @@ class Hypervisor:
             if name == _r("HV_X64_REGISTER_INITIAL_APIC_ID"):
                 vp.apic.apic_id = value & 0xFFFFFFFF
 
+    # SetVpRegisters value checks (TLFS: reserved bits must be zero, fixed
+    # bits as the architecture defines them, nothing beyond the register's
+    # width; read-only registers cannot be written). x86 numbers, Intel SDM.
+    _CR0_OK = 0xE005003F            # PE MP EM TS ET NE WP AM NW CD PG
+    _CR4_OK = 0x01FF7FFF            # bits 0-24 except 15 (reserved)
+    _EFER_OK = 0xD01                # SCE LME LMA NXE (the model's CPU is Intel)
+    _RFLAGS_RSVD = (1 << 3) | (1 << 5) | (1 << 15) | (U64 & ~((1 << 22) - 1))
+    _CANONICAL = ("RIP", "KERNEL_GS_BASE", "LSTAR", "CSTAR", "SYSENTER_EIP", "SYSENTER_ESP")
+    _WIDE = ("XMM", "FP_MMX")       # 128-bit value registers (prefixes)
+    READONLY_REGS = frozenset(n for n in ("HV_REGISTER_VP_INDEX", "HV_REGISTER_VP_ROOT_SIGNAL_COUNT")
+                              if n in spec.enum("hv_register_name"))
+
+    @staticmethod
+    def _canonical(v):
+        top = v >> 47                   # 48-bit virtual addresses (CPUID 0x80000008)
+        return top in (0, (1 << 17) - 1)
+
+    def check_reg_value(self, vp, name, value):
+        """The status SetVpRegisters returns for writing `value` (128 bits)
+        to `name`, or None when Hyper-V would accept it."""
+        n = spec.REGISTER_NAMES[name]
+        short = n.replace("HV_X64_REGISTER_", "").replace("HV_REGISTER_", "")
+        bad = S.HV_STATUS_INVALID_REGISTER_VALUE
+        if n in self.READONLY_REGS:
+            return S.HV_STATUS_INVALID_PARAMETER
+        lo, hi = value & U64, value >> 64
+        structured = short in SEG_NAMES or short in ("LDTR", "TR", "GDTR", "IDTR") or \
+            short.startswith(self._WIDE)
+        if not structured and hi and (short in GPR_NAMES or short in DR_NAMES or short in
+                                      ("RIP", "RFLAGS", "CR0", "CR2", "CR3", "CR4", "CR8", "EFER")
+                                      or short in self._CANONICAL):
+            return bad                                  # beyond the register's width
+        if short == "RFLAGS" and (lo & self._RFLAGS_RSVD or not lo & 2):
+            return bad
+        if short == "CR0" and (lo & ~self._CR0_OK or (lo >> 31 & 1 and not lo & 1)
+                               or (lo >> 29 & 1 and not lo >> 30 & 1)):
+            return bad                                  # reserved bits, PG without PE, NW without CD
+        if short == "CR4" and lo & ~self._CR4_OK:
+            return bad
+        if short == "CR3" and lo >> 52:
+            return bad                                  # beyond any physical address
+        if short == "CR8" and lo > 0xF:
+            return bad
+        if short == "EFER" and lo & ~self._EFER_OK:
+            return bad
+        if short in ("DR6", "DR7") and lo >> 32:
+            return bad
+        if short in self._CANONICAL and not self._canonical(lo):
+            return bad
+        if short in ("FS", "GS", "LDTR", "TR") and not self._canonical(seg_unpack(value)[0]):
+            return bad
+        if short in ("GDTR", "IDTR") and (not self._canonical(table_unpack(value)[0])
+                                         or table_unpack(value)[1] > 0xFFFF):
+            return bad
+        return None
+
     def _check_vtl(self, vtl):
         if vtl not in (0, 0x10):
             raise HvError(S.HV_STATUS_INVALID_PARAMETER)
@@ -1187,6 +1378,13 @@ class Hypervisor:
                 return S.HV_STATUS_INVALID_PARAMETER
             if vp.running and a.name not in susp:
                 return S.HV_STATUS_INVALID_VP_STATE
+            value = a.value.low | (a.value.high << 64)
+            bad = self.check_reg_value(vp, a.name, value)
+            if bad is not None:
+                return bad
+            if a.name == _r("HV_REGISTER_SCONTROL") and value & 1 and ("synic", vp.index) not in p.held:
+                # enabling the VP's SynIC allocates its message queues
+                self._take(p, self.costs["synic_enable"], ("synic", vp.index))
             if a.name == _r("HV_REGISTER_EXPLICIT_SUSPEND") and a.value.low & 1 and vp.running:
                 vp.stop_req = True
                 self._kick(vp)
@@ -1209,17 +1407,29 @@ class Hypervisor:
         vp = self._vp(p, i.vp_index)
         if i.type not in (S.HV_VP_STATE_PAGE_REGISTERS, S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE):
             return S.HV_STATUS_INVALID_PARAMETER
+        if i.type == S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE and \
+                not p.flags & S.HV_PARTITION_CREATION_FLAG_INTERCEPT_MESSAGE_PAGE_ENABLED:
+            return S.HV_STATUS_INVALID_PARAMETER          # the partition has no such page
         if i.type in vp.state_pages:
             c.out = S.hv_output_map_location(map_location=vp.state_pages[i.type][0])
             return S.HV_STATUS_SUCCESS
-        if i.bits("flags", "map_location_provided"):
+        provided = i.bits("flags", "map_location_provided")
+        if provided:
             pfn = i.requested_map_location
-            if not self.is_ram(pfn) or self.in_reserved(pfn) or pfn in self.deposited:
+            if not self.is_ram(pfn) or self.in_reserved(pfn) or pfn in self.deposited \
+                    or self.mapped[pfn] or pfn in self.provided_pages:
                 return S.HV_STATUS_INVALID_PARAMETER
+        self._take(p, self.costs["map_vp_state_page"], ("state", vp.index, i.type))
+        if provided:
             self.mem.fill(pfn << 12, 4096)
             vp.state_pages[i.type] = (pfn, False)
+            self.provided_pages.add(pfn)
         else:
-            vp.state_pages[i.type] = (self._alloc_overlay(("vp", p.id, vp.index, i.type)), True)
+            try:
+                vp.state_pages[i.type] = (self._alloc_overlay(("vp", p.id, vp.index, i.type)), True)
+            except HvError:
+                self._give_back(p, ("state", vp.index, i.type))
+                raise
         if i.type == S.HV_VP_STATE_PAGE_REGISTERS:
             self._sync_reg_page_out(vp)
         elif vp.last_msg is not None:
@@ -1236,6 +1446,9 @@ class Hypervisor:
             return S.HV_STATUS_INVALID_PARAMETER
         if ent[1]:
             self._free_overlay(ent[0])
+        else:
+            self.provided_pages.discard(ent[0])
+        self._give_back(p, ("state", vp.index, i.type))
         return S.HV_STATUS_SUCCESS
 
     def _reg_page(self, vp):
@@ -1303,16 +1516,39 @@ class Hypervisor:
         t = i.state_data.type
         if t not in spec.enum("hv_get_set_vp_state_type").values():
             return S.HV_STATUS_INVALID_PARAMETER
+        self._check_vtl(i.input_vtl)
+        if t == S.HV_GET_SET_VP_STATE_LAPIC_STATE:
+            self._need_lapic(p)
+        sd = i.state_data
+        if t == S.HV_GET_SET_VP_STATE_XSAVE:
+            # the states must be ones the partition has, x87 and SSE included
+            have = p.props.get(S.HV_PARTITION_PROPERTY_XSAVE_STATES, 0)
+            if sd.xsave_states & ~have or sd.xsave_states & 3 != 3:
+                return S.HV_STATUS_INVALID_PARAMETER
+        elif sd.xsave_states or sd.xsave_flags:
+            return S.HV_STATUS_INVALID_PARAMETER
         if t == S.HV_GET_SET_VP_STATE_SYNTHETIC_TIMERS:
+            # the whole hv_synthetic_timers_state in the variable header (set),
+            # nothing there (get): a partial blob is refused
+            size = S.hv_synthetic_timers_state.SIZE
+            if len(c.varhead) != (0 if get else -(-size // 8) * 8):
+                return S.HV_STATUS_INVALID_PARAMETER
             if get:
-                blob = vp.vp_state.get(t, bytes(S.hv_synthetic_timers_state.SIZE))
+                blob = vp.vp_state.get(t, bytes(size))
                 c.out = S.hv_synthetic_timers_state.from_bytes(blob)
             else:
-                vp.vp_state[t] = bytes(c.varhead[:S.hv_synthetic_timers_state.SIZE]).ljust(
-                    S.hv_synthetic_timers_state.SIZE, b"\0")
+                vp.vp_state[t] = bytes(c.varhead[:size])
             return S.HV_STATUS_SUCCESS
         pfns = [int.from_bytes(c.varhead[k:k + 8], "little") for k in range(0, len(c.varhead), 8)]
-        if not pfns or any(not self.is_ram(x) for x in pfns):
+        size = S.PAGE_SIZE
+        if t == S.HV_GET_SET_VP_STATE_XSAVE:
+            size = p.props.get(S.HV_PARTITION_PROPERTY_MAX_XSAVE_DATA_SIZE, S.PAGE_SIZE)
+        if len(pfns) != -(-size // S.PAGE_SIZE):
+            return S.HV_STATUS_INVALID_PARAMETER       # one page per 4 KiB of state, no more
+        # the root's own pages only: not the hypervisor's (reserved, deposited,
+        # state pages) and not ones a child maps
+        if any(not self.is_ram(x) or self.in_reserved(x) or x in self.deposited
+               or x in self.provided_pages or self.mapped[x] for x in pfns):
             return S.HV_STATUS_INVALID_PARAMETER
         if get:
             blob = vp.vp_state.get(t)
@@ -1359,9 +1595,19 @@ class Hypervisor:
         """Withdraw the partition's asserted ExtINT interrupts (the VMM's PIC
         dropped its output) that no VP has taken yet."""
         p = self._child(c.inp.partition_id)
+        self._need_lapic(p)
         for vp in p.vps.values():
             vp.apic.extint = None
         return S.HV_STATUS_SUCCESS
+
+    @staticmethod
+    def _need_lapic(p):
+        """Hyper-V emulates the local APIC only for partitions created with
+        LAPIC_ENABLED; without it there is no APIC to take an interrupt or
+        give its state. No status is documented: the model answers
+        INVALID_PARTITION_STATE."""
+        if not p.flags & S.HV_PARTITION_CREATION_FLAG_LAPIC_ENABLED:
+            raise HvError(S.HV_STATUS_INVALID_PARTITION_STATE)
 
     # ---------------------------------------------------------------- interrupts
     # physical destinations that mean "all APICs" (xAPIC and x2APIC broadcast)
@@ -1381,6 +1627,7 @@ class Hypervisor:
         mode); see docs/hvsim-model.md, "Interrupts"."""
         i = c.inp
         p = self._child(i.partition_id)
+        self._need_lapic(p)
         itype = i.bits("control", "interrupt_type")
         level = i.bits("control", "level_triggered")
         if i.target_vtl != 0:
@@ -1587,17 +1834,74 @@ class Hypervisor:
         self._apic_reg_write(vp, None, off, value, x2apic=True)
         return None
 
+    # The child VP's SynIC is the guest platform's (platform.py: SCONTROL,
+    # SIMP, SIEFP and SINTx as the guest or its VMM wrote them).
+    def _child_synic(self, vp, page):
+        """(platform VP state, GPA of `page`'s base) for SignalEventDirect
+        (page "siefp") or PostMessageDirect ("simp"), or raise
+        INVALID_SYNIC_STATE while the SynIC or that page is off."""
+        from .platform import _bits
+        vs = self.platform.vps(vp)
+        value = vs.siefp if page == "siefp" else vs.simp
+        if not _bits(S.hv_synic_scontrol, "value", "enable", vs.scontrol) or \
+                not _bits(S.hv_synic_page_msr, "value", "enable", value):
+            raise HvError(S.HV_STATUS_INVALID_SYNIC_STATE)
+        return vs, _bits(S.hv_synic_page_msr, "value", "base_gpfn", value) << 12
+
+    def _raise_sint(self, vp, vs, sint, cpu):
+        """A new event on SINT `sint`: its vector, unless masked or polled."""
+        from .platform import _bits
+        Sn = S.hv_synic_sint
+        sv = vs.sint[sint]
+        if _bits(Sn, "value", "masked", sv) or _bits(Sn, "value", "polling", sv):
+            return
+        self._apic_message(vp, A.DM_FIXED, _bits(Sn, "value", "vector", sv), False, cpu)
+        self.platform._kick(vp)
+
     def _hc_signal_event_direct(self, c):
+        """Set one event flag in the target VP's SIEF page and raise its SINT."""
         i = c.inp
         p = self._child(i.target_partition)
-        self._vp(p, i.target_vp)
-        c.out = S.hv_output_signal_event_direct(newly_signaled=1)
+        vp = self._vp(p, i.target_vp)
+        if i.target_vtl or i.target_sint >= SINT_COUNT or i.flag_number >= EVENT_FLAGS_PER_SINT:
+            return S.HV_STATUS_INVALID_PARAMETER
+        vs, base = self._child_synic(vp, "siefp")
+        gpa = base + i.target_sint * (S.PAGE_SIZE // SINT_COUNT) + i.flag_number // 8
+        old = self.platform.gpa_read(p, gpa, 1)
+        if old is None:
+            return S.HV_STATUS_INVALID_SYNIC_STATE       # the page is not guest RAM
+        bit = 1 << (i.flag_number % 8)
+        newly = not old[0] & bit
+        if newly:
+            self.platform.gpa_write(p, gpa, bytes([old[0] | bit]))
+            self._raise_sint(vp, vs, i.target_sint, c.cpu)
+        c.out = S.hv_output_signal_event_direct(newly_signaled=int(newly))
         return S.HV_STATUS_SUCCESS
 
     def _hc_post_message_direct(self, c):
+        """Post a message to the target VP's SINT through the guest SynIC
+        (platform.py delivers it into the SIMP slot and raises the SINT). The
+        message must be a guest message type (non-zero, MSB clear) with at most
+        a payload's worth of bytes; one already waiting for that SINT (slot
+        full, or queued) makes it INSUFFICIENT_BUFFERS."""
         i = c.inp
         p = self._child(i.partition_id)
-        self._vp(p, i.vp_index)
+        vp = self._vp(p, i.vp_index)
+        if i.vtl or i.sint_index >= SINT_COUNT:
+            return S.HV_STATUS_INVALID_PARAMETER
+        raw = bytes(i.message)[:S.hv_message.SIZE]
+        hdr = S.hv_message_header.from_bytes(raw[:S.hv_message_header.SIZE])
+        payload_max = S.hv_message.SIZE - S.hv_message_header.SIZE
+        if hdr.message_type == S.HVMSG_NONE or hdr.message_type & 0x80000000 \
+                or hdr.payload_size > payload_max:
+            return S.HV_STATUS_INVALID_PARAMETER
+        vs, base = self._child_synic(vp, "simp")
+        slot = self.platform.gpa_read(p, base + i.sint_index * S.hv_message.SIZE, 4)
+        if slot is None:
+            return S.HV_STATUS_INVALID_SYNIC_STATE       # the page is not guest RAM
+        if vs.queues[i.sint_index] or struct.unpack("<I", slot)[0] != S.HVMSG_NONE:
+            return S.HV_STATUS_INSUFFICIENT_BUFFERS
+        self.platform.post_locked(vp, i.sint_index, raw)
         return S.HV_STATUS_SUCCESS
 
     # ================================================================ ports and connections
@@ -1860,7 +2164,19 @@ class Hypervisor:
                                                 self._alloc_overlay(("sirbp", cpu)))
             elif enable:
                 self._ring_restart(cpu)
+            if enable and not s.enabled:
+                # messages queued while the SynIC was off are delivered now
+                s.enabled = True
+                for sint in list(s.queues):
+                    self._deliver(cpu, sint)
             return s.simp_pfn << 12, s.siefp_pfn << 12, s.sirbp_pfn << 12
+
+    def synic_disable(self, cpu):
+        """The root turned its SIMP or SINTs off: messages queue until the
+        next enable. (No hvsim op reports this yet; tests call it directly.)"""
+        with self._lock:
+            self.synic_pages(cpu)
+            self.synic[cpu].enabled = False
 
     def _slot(self, cpu, sint):
         self.synic_pages(cpu)
@@ -1877,6 +2193,8 @@ class Hypervisor:
     def _deliver(self, cpu, sint):
         s = self.synic[cpu]
         q = s.queues[sint]
+        if not s.enabled:
+            return                    # SIMP/SINT off: the message waits in the queue
         slot = self._slot(cpu, sint)
         flags_off = S.hv_message_header.OFFSETS["message_flags"]
         pend = S.hv_message_header.BITS["message_flags"]["msg_pending"][0]
@@ -1919,16 +2237,67 @@ class Hypervisor:
         raw[16:16 + len(pb)] = pb
         return bytes(raw)
 
+    KICK_FORMS = ("pair", "bitset", "overflow")
+
     def _signal_vp(self, vp, cpu):
-        """Root scheduler: kick the VP's dispatch thread (VP_SIGNAL_PAIR on SINT0)."""
+        """Root scheduler: kick the VP's dispatch thread with a scheduler
+        message on SINT0, in the form `kick_form` names (random if None)."""
         vp.signal_count += 1
-        pl = S.hv_vp_signal_pair_scheduler_message(vp_count=1)
-        pl.partition_ids[0] = vp.part.id
-        pl.vp_indexes[0] = vp.index
-        msg = self._message(S.HVMSG_SCHEDULER_VP_SIGNAL_PAIR, pl, 0)
+        form = self.kick_form or self.kick_rng.choice(self.KICK_FORMS)
+        if form not in self.KICK_FORMS:
+            raise ValueError(f"unknown kick form {form!r}")
         self.synic_pages(cpu)
-        self.synic[cpu].queues[S.HV_SYNIC_INTERCEPTION_SINT_INDEX].append(msg)
+        q = self.synic[cpu].queues[S.HV_SYNIC_INTERCEPTION_SINT_INDEX]
+        B = S.hv_vp_signal_bitset_scheduler_message
+        if form == "pair":
+            pl = S.hv_vp_signal_pair_scheduler_message(vp_count=1)
+            pl.partition_ids[0] = vp.part.id
+            pl.vp_indexes[0] = vp.index
+            msg = self._message(S.HVMSG_SCHEDULER_VP_SIGNAL_PAIR, pl, 0)
+        else:
+            # a BITSET still queued for this partition takes the VP too
+            for k, queued in enumerate(q):
+                hdr = S.hv_message_header.from_bytes(queued[:S.hv_message_header.SIZE])
+                if hdr.message_type != S.HVMSG_SCHEDULER_VP_SIGNAL_BITSET:
+                    continue
+                pl = B.from_bytes(queued[16:16 + B.SIZE])
+                if pl.partition_id == vp.part.id:
+                    self._bitset_add(pl, vp.index, form)
+                    q[k] = self._message(S.HVMSG_SCHEDULER_VP_SIGNAL_BITSET, pl, 0)
+                    self.kicks[form + "_merged"] += 1
+                    self._deliver(cpu, S.HV_SYNIC_INTERCEPTION_SINT_INDEX)
+                    return
+            pl = B(partition_id=vp.part.id, vpset_format=S.HV_GENERIC_SET_SPARSE_4K)
+            self._bitset_add(pl, vp.index, form)
+            msg = self._message(S.HVMSG_SCHEDULER_VP_SIGNAL_BITSET, pl, 0)
+        self.kicks[form] += 1
+        q.append(msg)
         self._deliver(cpu, S.HV_SYNIC_INTERCEPTION_SINT_INDEX)
+
+    @staticmethod
+    def _bitset_add(pl, index, form):
+        """Add VP `index` to a sparse 4K VP set; in the overflow form it is
+        counted in overflow_count instead of being named."""
+        if form == "overflow":
+            pl.overflow_count += 1
+            return
+        bank = index // 64
+        banks = [b for b in range(64) if pl.valid_bank_mask >> b & 1]
+        if bank not in banks:
+            if len(banks) == len(pl.bank_contents):
+                pl.overflow_count += 1          # no room for another bank
+                return
+            pos = sum(1 for b in banks if b < bank)
+            vals = [pl.bank_contents[i] for i in range(len(banks))]
+            vals.insert(pos, 0)
+            for i, v in enumerate(vals):
+                pl.bank_contents[i] = v
+            pl.valid_bank_mask |= 1 << bank
+            banks = sorted(banks + [bank])
+        pos = banks.index(bank)
+        if not pl.bank_contents[pos] >> (index % 64) & 1:
+            pl.bank_contents[pos] |= 1 << (index % 64)
+            pl.vp_count += 1
 
     # ================================================================ running VPs
     @staticmethod

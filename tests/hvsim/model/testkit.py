@@ -21,7 +21,7 @@ U64 = (1 << 64) - 1
 class Root:
     """A fake root partition driving the model."""
 
-    def __init__(self, scheduler="root", notify=None, ncpus=2, ram_mb=None):
+    def __init__(self, scheduler="root", notify=None, ncpus=2, ram_mb=None, kick_form="pair"):
         """ram_mb: root RAM size (default 64 MiB: guest memory 16..48 MiB);
         with a larger size the hypervisor's 16 MiB sit at the top and guest
         memory runs from 16 MiB up to them."""
@@ -30,6 +30,11 @@ class Root:
         self.notified = []
         self.hv = Hypervisor(self.ram, size - HV_SIZE, HV_SIZE, scheduler=scheduler,
                              notify=notify or self.notified.append, ncpus=ncpus)
+        # unit tests read scheduler kicks as VP_SIGNAL_PAIR unless they ask
+        # for another form (test_model_strict.py covers BITSET and overflow)
+        self.hv.kick_form = kick_form
+        for cpu in range(ncpus):       # the driver enables every CPU's SynIC at load
+            self.hv.synic_pages(cpu, enable=True)
         self._next_pool = POOL_BASE
         self._next_guest = GUEST_BASE
 
@@ -69,6 +74,37 @@ class Root:
         self._next_guest = start + n
         return list(range(start, start + n))
 
+    NEEDS_MEMORY = (S.HV_STATUS_INSUFFICIENT_MEMORY, S.HV_STATUS_INSUFFICIENT_ROOT_MEMORY,
+                    S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_MEMORY,
+                    S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY)
+
+    def contiguous_pages(self, n=S.HV_MAX_CONTIGUOUS_ALLOCATION_PAGES):
+        """n consecutive pool pages, naturally aligned (an order-3 allocation)."""
+        self._next_pool = -(-self._next_pool // n) * n
+        return self.pool_pages(n)
+
+    def deposit_for(self, status, pid, pages=1):
+        """The driver's answer to a needs-memory status: `pages` pages into
+        `pid` (INSUFFICIENT_MEMORY), into the root (the ROOT variants), one
+        contiguous chunk for the CONTIGUOUS variants (as upstream Linux)."""
+        if status in (S.HV_STATUS_INSUFFICIENT_ROOT_MEMORY, S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY):
+            pid = ROOT_ID
+        if status in (S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_MEMORY,
+                      S.HV_STATUS_INSUFFICIENT_CONTIGUOUS_ROOT_MEMORY):
+            pfns = self.contiguous_pages()
+        else:
+            pfns = self.pool_pages(pages)
+        assert self.deposit(pid, pfns)[0] == S.HV_STATUS_SUCCESS
+
+    def with_deposits(self, pid, build, tries=16):
+        """Issue build() (returning a status) until it stops asking for memory."""
+        for _ in range(tries):
+            st = build()
+            if st not in self.NEEDS_MEMORY:
+                return st
+            self.deposit_for(st, pid)
+        return st
+
     def deposit(self, pid, pfns, start=0):
         return self.call(S.HVCALL_DEPOSIT_MEMORY, S.hv_input_deposit_memory(partition_id=pid),
                          struct.pack("<%dQ" % len(pfns), *pfns), reps=len(pfns), start=start)
@@ -80,7 +116,8 @@ class Root:
     # -------------------------------------------------------------- lifecycle
     def create_partition(self, flags=S.HV_PARTITION_CREATION_FLAG_GPA_SUPER_PAGES_ENABLED
                          | S.HV_PARTITION_CREATION_FLAG_EXO_PARTITION
-                         | S.HV_PARTITION_CREATION_FLAG_INTERCEPT_MESSAGE_PAGE_ENABLED):
+                         | S.HV_PARTITION_CREATION_FLAG_INTERCEPT_MESSAGE_PAGE_ENABLED
+                         | S.HV_PARTITION_CREATION_FLAG_LAPIC_ENABLED):
         """Like the driver: retry with one root page per INSUFFICIENT_MEMORY."""
         inp = S.hv_input_create_partition(flags=flags, compatibility_version=S.HV_COMPATIBILITY_21_H2)
         for _ in range(64):
@@ -97,7 +134,8 @@ class Root:
 
     def create_vp(self, pid, index=0):
         assert self.deposit(pid, self.pool_pages(90))[0] == S.HV_STATUS_SUCCESS
-        return self.st(S.HVCALL_CREATE_VP, S.hv_input_create_vp(partition_id=pid, vp_index=index))
+        return self.with_deposits(pid, lambda: self.st(S.HVCALL_CREATE_VP,
+                                                      S.hv_input_create_vp(partition_id=pid, vp_index=index)))
 
     def new_guest(self, vps=1, **kw):
         pid = self.create_partition(**kw)
@@ -140,8 +178,14 @@ class Root:
     def set_regs(self, pid, vp, pairs, cpu=0):
         el = b"".join(S.hv_register_assoc(name=n, value=S.hv_register_value(low=v & U64, high=v >> 64)).to_bytes()
                       for n, v in pairs)
-        return self.call(S.HVCALL_SET_VP_REGISTERS, S.hv_input_set_vp_registers(partition_id=pid, vp_index=vp),
-                         el, reps=len(pairs), cpu=cpu)
+        for _ in range(16):
+            st, done = self.call(S.HVCALL_SET_VP_REGISTERS,
+                                 S.hv_input_set_vp_registers(partition_id=pid, vp_index=vp),
+                                 el, reps=len(pairs), cpu=cpu)
+            if st not in self.NEEDS_MEMORY:
+                return st, done
+            self.deposit_for(st, pid)
+        return st, done
 
     def get_regs(self, pid, vp, names):
         st, _ = self.call(S.HVCALL_GET_VP_REGISTERS, S.hv_input_get_vp_registers(partition_id=pid, vp_index=vp),
@@ -154,8 +198,8 @@ class Root:
         return out
 
     def map_state_page(self, pid, vp, type_):
-        st = self.st(S.HVCALL_MAP_VP_STATE_PAGE, S.hv_input_map_vp_state_page(partition_id=pid, vp_index=vp,
-                                                                              type=type_))
+        st = self.with_deposits(pid, lambda: self.st(
+            S.HVCALL_MAP_VP_STATE_PAGE, S.hv_input_map_vp_state_page(partition_id=pid, vp_index=vp, type=type_)))
         assert st == S.HV_STATUS_SUCCESS, st
         return self.out(S.hv_output_map_location).map_location << 12
 
@@ -173,12 +217,7 @@ class Root:
     def _retry(self, pid, build):
         """Issue build() until it stops asking for memory: one page into `pid`
         per INSUFFICIENT_MEMORY (the spec's deposit policy for ports)."""
-        for _ in range(8):
-            st = build()
-            if st != S.HV_STATUS_INSUFFICIENT_MEMORY:
-                return st
-            assert self.deposit(pid, self.pool_pages(1))[0] == S.HV_STATUS_SUCCESS
-        return st
+        return self.with_deposits(pid, build, tries=8)
 
     def create_port(self, port_id, conn_pid, port_pid=ROOT_ID, ptype=S.HV_PORT_TYPE_DOORBELL,
                     sint=S.HV_SYNIC_DOORBELL_SINT_INDEX, vp=S.HV_ANY_VP, retry=True, event_flags=0, **kw):
