@@ -103,6 +103,12 @@ class _Kicker:
         self._thread = None
 
     def arm(self, deadline, engine):
+        """Kick `engine` at `deadline` (time.monotonic()) unless its
+        slice_token has changed by then; no kick for an infinite deadline."""
+        if deadline == float("inf"):
+            with self._cond:
+                self._seq += 1
+                return self._seq
         with self._cond:
             self._seq += 1
             token = self._seq
@@ -124,7 +130,7 @@ class _Kicker:
                 deadline, token, engine = self._heap[0]
                 left = deadline - time.monotonic()
                 if left > 0:
-                    self._cond.wait(left)
+                    self._cond.wait(min(left, 3600.0))
                     continue
                 heapq.heappop(self._heap)
                 if engine.slice_token == token:
