@@ -251,6 +251,8 @@ def test_root_keeps_taking_interrupts_while_a_guest_spins():
         stop.set()
         th.join()
         os.sched_setaffinity(0, affinity)
+    pt.close()
+    os.close(mshv)
     woke = len([w for w in wakeups if t0 < w < t0 + took])
     print(f"# {took:.2f} s in MSHV_RUN_VP on cpu{cpu}: {timer} timer interrupts, "
           f"{woke} wake-ups of the task beside it")
@@ -263,8 +265,6 @@ def test_root_keeps_taking_interrupts_while_a_guest_spins():
     # (at most 4/s with the previous model, never with the current one).
     assert timer >= 15 * took, f"cpu{cpu} took {timer} timer interrupts in {took:.1f} s"
     assert woke >= 8 * took, f"the task beside the VP woke {woke} times in {took:.1f} s"
-    pt.close()
-    os.close(mshv)
 
 
 def test_two_vps_run_in_two_threads():
