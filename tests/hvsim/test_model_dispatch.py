@@ -135,21 +135,6 @@ def test_root_interrupt_kicks_the_engine_and_only_ends_its_cpus_dispatch(root):
     assert not root.hv.root_interrupt(1)            # nothing dispatched there any more
 
 
-def test_sim_message_for_the_dispatching_cpu_kicks_the_engine(root):
-    pid = guest(root, LOOP)
-    th, out = in_thread(lambda: dispatch(root, pid))
-    vp = wait_running(root, pid)
-    kicks = []
-    real_kick = vp.engine.kick
-    vp.engine.kick = lambda: (kicks.append(1), real_kick())
-    try:
-        root.hv.post_message(0, 0, sim_message())
-        th.join(5)
-    finally:
-        del vp.engine.kick
-    assert out == [(S.HV_STATUS_SUCCESS, READY_PREEMPTED)] and kicks
-
-
 def test_caller_with_interrupts_off_keeps_the_vp_running(root):
     """Hyper-V cannot give the root an interrupt it has masked: the dispatch
     runs on (here until its time slice), and the model records that the

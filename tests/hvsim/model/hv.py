@@ -312,6 +312,9 @@ class Hypervisor:
         self.time_slice = 0.25
         self.dispatch_quantum = None
         self.max_insns = None
+        # how often a running VP looks at a polled root-interrupt flag
+        # (hypercall(root_irq=...)) that no root_interrupt() announced
+        self.root_irq_poll_period = 0.01
         self.preempt_event = S.HV_VP_DISPATCH_EVENT_SUSPEND
         # DispatchVp of a VP halted with IF=1 (HLT, nothing pending): BLOCKED + this
         # event. Undocumented; anything but SUSPEND is Linux's "root_sched_blocked".
@@ -2203,8 +2206,10 @@ class Hypervisor:
             deadline = time.monotonic() + self.time_slice
         budget = self.max_insns if self.max_insns is not None else 1 << 62
         # the engine gets a finite deadline (its kicker thread waits for it);
-        # a longer slice is run in chunks
-        chunk = 60.0
+        # a longer slice is run in chunks. The engine looks at stop() only at
+        # exits and kicks: a root-interrupt flag that nobody kicks for (the
+        # hvsim seam's, polled) is seen at the end of a chunk at the latest.
+        chunk = self.root_irq_poll_period if vp.root_irq_poll is not None else 60.0
         irq = vp.apic.pending_kind
 
         def root_irq():
