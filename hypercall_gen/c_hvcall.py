@@ -212,8 +212,10 @@ class Wrapper:
         h = self.h
         code = kconst("HVCALL_" + h.name.upper())
         intype = f"{kstruct(h.input.name)} *hc_in" if h.input else "void *hc_in"
-        out = [self.signature(), "{", f"\t{intype};", "\tvoid *hc_out;",
-               "\tunsigned long hc_flags;", "\tu64 hc_control;"]
+        out = [self.signature(), "{", f"\t{intype};", "\tvoid *hc_out;"]
+        if not h.irqs_on:
+            out.append("\tunsigned long hc_flags;")
+        out.append("\tu64 hc_control;")
         out += self._locals(["\tu64 hc_result;"])
         out.append("")
         out += self._mbz_guards()
@@ -232,17 +234,24 @@ class Wrapper:
                    f"{kconst('HV_CONTROL_VARHEAD_SIZE_SHIFT')})")
         out.append(f"\thc_control = {ctl};")
         out.append("\tfor (;;) {")
-        out.append("\t\thc_in = mshvr_hvcall_begin(&hc_flags, &hc_out);")
+        if h.irqs_on:
+            out.append("\t\thc_in = mshvr_hvcall_begin_irqs_on(&hc_out);")
+        else:
+            out.append("\t\thc_in = mshvr_hvcall_begin(&hc_flags, &hc_out);")
         out.append(f"\t\tmemset(hc_in, 0, {kconst('HV_PAGE_SIZE')});")
         out += self._fill("hc_in->")
         if h.varhead:
             out.append("\t\tmemcpy(hc_in + 1, varhead, varhead_count * sizeof(u64));")
-        out.append("\t\thc_result = mshvr_seam_hypercall(hc_control, hc_in, hc_out);")
+        if h.irqs_on:
+            out.append("\t\thc_result = mshvr_seam_hypercall_irqs_on(hc_control, hc_in, hc_out);")
+        else:
+            out.append("\t\thc_result = mshvr_seam_hypercall(hc_control, hc_in, hc_out);")
         out.append("\t\thc_status = mshvr_hv_result_status(hc_result);")
         if h.output:
             out.append(f"\t\tif (hc_status == {kconst('HV_STATUS_SUCCESS')})")
             out.append("\t\t\tmemcpy(output, hc_out, sizeof(*output));")
-        out.append("\t\tmshvr_hvcall_end(hc_flags);")
+        out.append("\t\tmshvr_hvcall_end_irqs_on();" if h.irqs_on
+                   else "\t\tmshvr_hvcall_end(hc_flags);")
         return "\n".join(out) + "\n" + self._epilogue()
 
     def _body_rep(self):
@@ -373,10 +382,16 @@ static inline u16 mshvr_hv_result_status(u64 result)
  * Provided by the hand-written driver (mshv/hv_call.c) and the seam:
  * mshvr_hvcall_begin() disables interrupts and returns this CPU's zeroable
  * input page (and output page in *out); mshvr_hvcall_end() restores them.
+ * Calls the spec marks "interrupts: enabled" use mshvr_hvcall_begin_irqs_on()
+ * instead: preemption off, interrupts left on, this CPU's dispatch pages,
+ * issued with mshvr_seam_hypercall_irqs_on().
  */
 void *mshvr_hvcall_begin(unsigned long *flags, void **out);
 void mshvr_hvcall_end(unsigned long flags);
+void *mshvr_hvcall_begin_irqs_on(void **out);
+void mshvr_hvcall_end_irqs_on(void);
 u64 mshvr_seam_hypercall(u64 control, void *input, void *output);
+u64 mshvr_seam_hypercall_irqs_on(u64 control, void *input, void *output);
 u64 mshvr_seam_hypercall_fast(u64 control, u64 in0, u64 in1);
 u64 mshvr_root_partition_id(void);
 int mshvr_hv_deposit(u64 partition_id, unsigned int pages);

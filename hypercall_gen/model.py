@@ -243,6 +243,8 @@ class Hypercall(Node):
         self.deposit = raw.get("deposit")
         self.rep_advance = raw.get("rep_advance")
         self.quiet_statuses = list(raw.get("quiet_statuses", []))
+        # issued with the root's interrupts enabled (see hypercalls.yaml)
+        self.irqs_on = raw.get("interrupts", "disabled") == "enabled"
         self.input = self.output = None
         self.rep_input = self.rep_output = self.varhead = None
 
@@ -313,6 +315,10 @@ class Hypercall(Node):
             if not f0 or f0.type != "u64" or "partition" not in f0.name:
                 _err(f"{self.src}.deposit", "deposit into target needs an input whose first "
                      "field is the u64 partition id")
+        if self.irqs_on and (rep or self.fast or self.varhead or self.deposit
+                             or self.passthrough != "none"):
+            _err(f"{self.src}.interrupts", "a call issued with interrupts enabled is simple, "
+                 "memory-based, without variable header or deposit, and not passthrough")
         if self.passthrough != "none":
             f0 = self.input.fields[0] if self.input else None
             if not f0 or f0.type != "u64" or "partition" not in f0.name:

@@ -90,6 +90,8 @@ def render(spec):
                    f"{d['initial']} pages up front, {d['retry']} per INSUFFICIENT_MEMORY retry, "
                    f"into the {d['into']} partition"))
         out.append(f":Passthrough: {h.passthrough}")
+        if h.irqs_on:
+            out.append(":Interrupts: enabled (issued with preemption off on this CPU's dispatch pages)")
         if h.form == "rep":
             out.append(f":Rep elements: in {getattr(h.rep_input, 'name', h.rep_input)}, "
                        f"out {getattr(h.rep_output, 'name', h.rep_output)}; "

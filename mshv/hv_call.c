@@ -11,6 +11,7 @@
 #include <linux/log2.h>
 #include <linux/mm.h>
 #include <linux/percpu.h>
+#include <linux/preempt.h>
 #include <linux/printk.h>
 #include <linux/sched.h>
 #include <linux/slab.h>
@@ -19,14 +20,28 @@
 #include "seam.h"
 
 /*
- * Per-CPU input and output pages. A page pair is used only with interrupts
- * disabled on its own CPU (mshvr_hvcall_begin/end), which is the whole
- * locking rule: no two users can ever share a pair.
+ * Per-CPU hypercall pages, four contiguous pages per CPU.
+ *
+ * input/output: used only with interrupts disabled on their own CPU
+ * (mshvr_hvcall_begin/end), from any context. Nothing else can run on that
+ * CPU meanwhile, so no two users ever share them.
+ *
+ * dispatch_input/dispatch_output: used only by calls the spec issues with
+ * interrupts enabled (DispatchVp), between mshvr_hvcall_begin_irqs_on() and
+ * mshvr_hvcall_end_irqs_on(): in task context with preemption disabled, so
+ * no other task on the CPU can take them, and never from an interrupt
+ * handler, so the handlers that run on the CPU while the call is in the
+ * hypervisor (timer, IPIs, the SynIC handler, which makes hypercalls of its
+ * own) use input/output and cannot clobber them.
  */
 struct mshvr_hvcall_pages {
 	void *input;
 	void *output;
+	void *dispatch_input;
+	void *dispatch_output;
 };
+
+#define MSHVR_HVCALL_PAGES_ORDER	2
 
 static struct mshvr_hvcall_pages __percpu *mshvr_pages;
 
@@ -49,6 +64,23 @@ void *mshvr_hvcall_begin(unsigned long *flags, void **out)
 void mshvr_hvcall_end(unsigned long flags)
 {
 	local_irq_restore(flags);
+}
+
+void *mshvr_hvcall_begin_irqs_on(void **out)
+{
+	struct mshvr_hvcall_pages *p;
+
+	/* a task with interrupts on: the hypervisor may run the call for long */
+	WARN_ON_ONCE(!in_task() || irqs_disabled());
+	preempt_disable();
+	p = this_cpu_ptr(mshvr_pages);
+	*out = p->dispatch_output;
+	return p->dispatch_input;
+}
+
+void mshvr_hvcall_end_irqs_on(void)
+{
+	preempt_enable();
 }
 
 u64 mshvr_root_partition_id(void)
@@ -172,8 +204,9 @@ int mshvr_hv_call_init(void)
 		return -ENOMEM;
 	for_each_possible_cpu(cpu) {
 		struct mshvr_hvcall_pages *p = per_cpu_ptr(mshvr_pages, cpu);
-		/* two contiguous pages: input then output */
-		struct page *pg = alloc_pages_node(cpu_to_node(cpu), GFP_KERNEL | __GFP_ZERO, 1);
+		/* input, output, dispatch input, dispatch output */
+		struct page *pg = alloc_pages_node(cpu_to_node(cpu), GFP_KERNEL | __GFP_ZERO,
+						   MSHVR_HVCALL_PAGES_ORDER);
 
 		if (!pg) {
 			mshvr_hv_call_exit();
@@ -181,6 +214,8 @@ int mshvr_hv_call_init(void)
 		}
 		p->input = page_address(pg);
 		p->output = (u8 *)p->input + PAGE_SIZE;
+		p->dispatch_input = (u8 *)p->input + 2 * PAGE_SIZE;
+		p->dispatch_output = (u8 *)p->input + 3 * PAGE_SIZE;
 	}
 	ret = mshvr_hvcall_get_partition_id(&out, NULL);
 	if (ret) {
@@ -201,7 +236,7 @@ void mshvr_hv_call_exit(void)
 		struct mshvr_hvcall_pages *p = per_cpu_ptr(mshvr_pages, cpu);
 
 		if (p->input)
-			free_pages((unsigned long)p->input, 1);
+			free_pages((unsigned long)p->input, MSHVR_HVCALL_PAGES_ORDER);
 	}
 	free_percpu(mshvr_pages);
 	mshvr_pages = NULL;

@@ -31,6 +31,16 @@ const char *mshvr_seam_name(void);
  */
 u64 mshvr_seam_hypercall(u64 control, void *input, void *output);
 
+/*
+ * Issue a memory-based hypercall that may keep the CPU for long (DispatchVp)
+ * with interrupts enabled: the root takes its interrupts while the call
+ * runs, and the hypervisor ends the call early when the root has one
+ * pending. input and output are this CPU's dispatch pages, which only such
+ * calls use; the caller is a task with preemption disabled and interrupts
+ * enabled. Returns the raw result value.
+ */
+u64 mshvr_seam_hypercall_irqs_on(u64 control, void *input, void *output);
+
 /* Issue a register-based (fast) hypercall with up to 16 bytes of input. */
 u64 mshvr_seam_hypercall_fast(u64 control, u64 in0, u64 in1);
 

@@ -3,8 +3,8 @@
  * hvsim seam (test builds only: make HVSIM=1). The "hypervisor" is a Python
  * simulator on the host running QEMU; see docs/hvsim-transport.md.
  *
- * Transport: each CPU owns one request page (struct mshvr_hvsim_request,
- * below 4 GiB). To issue a request the CPU fills the page, sets state to
+ * Transport: each CPU owns two request pages (struct mshvr_hvsim_request,
+ * below 4 GiB). To issue a request the CPU fills a page, sets state to
  * PENDING and rings the doorbell: the 32-bit word (page GPA | cpu) written
  * as four outb() to an isa-debugcon port that QEMU forwards to the
  * simulator. The simulator reads and writes guest RAM directly (a shared
@@ -13,9 +13,20 @@
  * non-standard port; each received byte names the CPU whose SynIC message
  * page has news.
  *
- * Locking: a request page is used only with interrupts disabled on its own
- * CPU, so it never has two users; hvsim_ring_lock keeps the four doorbell
- * bytes of two CPUs from interleaving.
+ * Locking and context, per CPU:
+ *  - req: used only with interrupts disabled on its own CPU (hypercalls,
+ *    fast hypercalls, the simulator's own ops), from any context, so it
+ *    never has two users.
+ *  - dispatch: used only by mshvr_seam_hypercall_irqs_on() (DispatchVp), in
+ *    a task with preemption disabled, never from an interrupt handler: one
+ *    user. The CPU waits on it with interrupts enabled, so the handlers that
+ *    run meanwhile (timer, IPIs, the SynIC handler through its csd) issue
+ *    their own requests on req. When the waiting CPU has taken an
+ *    interrupt, it sets root_irq in the dispatch page and sends
+ *    HVSIM_OP_ROOT_IRQ on req, and the simulator ends the dispatch (as
+ *    Hyper-V returns to the root for its interrupts).
+ * hvsim_ring_lock keeps the four doorbell bytes of two CPUs (or of a CPU
+ * and an interrupt handler on it) from interleaving.
  */
 #include "mshv_root.h"
 
@@ -25,6 +36,7 @@
 #include <linux/interrupt.h>
 #include <linux/io.h>
 #include <linux/ioport.h>
+#include <linux/kernel_stat.h>
 #include <linux/smp.h>
 #include <linux/ktime.h>
 #include <linux/mm.h>
@@ -51,7 +63,12 @@
 #define UART_IER_RDI	0x01
 #define UART_MCR_DTR_RTS_OUT2	0x0b
 
-static struct mshvr_hvsim_request * __percpu *hvsim_req;
+/* A CPU's request pages; the rules are at the top of this file. */
+struct hvsim_cpu {
+	struct mshvr_hvsim_request *req;
+	struct mshvr_hvsim_request *dispatch;
+};
+static struct hvsim_cpu __percpu *hvsim_cpus;
 static DEFINE_RAW_SPINLOCK(hvsim_ring_lock);
 static bool hvsim_region;
 
@@ -86,18 +103,69 @@ static void hvsim_ring(u32 word)
 	raw_spin_unlock_irqrestore(&hvsim_ring_lock, flags);
 }
 
+static struct mshvr_hvsim_request *hvsim_this_req(void)
+{
+	return this_cpu_ptr(hvsim_cpus)->req;
+}
+
+static int hvsim_op(u32 op, u64 *arg0, u64 *arg1, u64 *arg2);
+
 /*
- * Send this CPU's request page (op and arguments filled in) and wait for
- * the answer. Interrupts must be off.
+ * Interrupts this CPU has taken so far: device interrupts (the hvsim UART
+ * among them) and the system vectors a root takes while it waits: the
+ * local timer, reschedule and function-call IPIs (the SynIC handler's
+ * csd), TLB shootdowns, irq_work and platform IPIs. Only compared for a
+ * change.
  */
-static int hvsim_call(struct mshvr_hvsim_request *req)
+static unsigned long hvsim_irqs_taken(void)
+{
+	return this_cpu_read(kstat.irqs_sum) +
+	       this_cpu_read(irq_stat.apic_timer_irqs) +
+	       this_cpu_read(irq_stat.irq_resched_count) +
+	       this_cpu_read(irq_stat.irq_call_count) +
+	       this_cpu_read(irq_stat.irq_tlb_count) +
+	       this_cpu_read(irq_stat.apic_irq_work_irqs) +
+	       this_cpu_read(irq_stat.x86_platform_ipis);
+}
+
+/*
+ * The CPU took an interrupt while waiting on its dispatch page: flag it in
+ * the page (the simulator polls it) and say so on the CPU's other page, so
+ * that the simulator can stop the VP at once. Runs in the waiting task
+ * with interrupts on, where req is free: its users run with interrupts off
+ * on this CPU, so none is between its start and its end here.
+ */
+static void hvsim_root_irq(struct mshvr_hvsim_request *dispatch)
+{
+	u64 gpa = virt_to_phys(dispatch), seq = dispatch->seq;
+
+	WRITE_ONCE(dispatch->root_irq, 1);
+	hvsim_op(MSHVR_HVSIM_OP_ROOT_IRQ, &gpa, &seq, NULL);
+}
+
+/*
+ * Send a request page of this CPU (op and arguments filled in) and wait for
+ * the answer. req: interrupts must be off. dispatch (@irqs_on): a task with
+ * preemption off and interrupts on, which the waiting CPU keeps taking.
+ */
+static int hvsim_call(struct mshvr_hvsim_request *req, bool irqs_on)
 {
 	unsigned int cpu = smp_processor_id();
 	phys_addr_t pa = virt_to_phys(req);
 	u64 start = ktime_get_ns();
+	unsigned long irqs = 0;
+	bool told = false;
 
-	lockdep_assert_irqs_disabled();
-	req->rsvd0 = 0;
+	if (irqs_on) {
+		lockdep_assert_irqs_enabled();
+		lockdep_assert_preemption_disabled();
+		irqs = hvsim_irqs_taken();
+	} else {
+		lockdep_assert_irqs_disabled();
+	}
+	req->flags = irqs_on ? MSHVR_HVSIM_REQUEST_CALLER_IRQS_ENABLED : 0;
+	req->root_irq = 0;
+	req->rsvd1 = 0;
 	req->seq++;
 	WRITE_ONCE(req->cpu, cpu);
 	WRITE_ONCE(req->state, MSHVR_HVSIM_STATE_PENDING);
@@ -106,6 +174,11 @@ static int hvsim_call(struct mshvr_hvsim_request *req)
 	hvsim_ring((u32)pa | (cpu & HVSIM_CPU_MASK));
 	while (READ_ONCE(req->state) != MSHVR_HVSIM_STATE_DONE) {
 		cpu_relax();
+		/* an interrupt since the snapshot: the dispatch must end */
+		if (irqs_on && !told && hvsim_irqs_taken() != irqs) {
+			told = true;
+			hvsim_root_irq(req);
+		}
 		if (ktime_get_ns() - start > HVSIM_TIMEOUT_NS) {
 			pr_err("hvsim: no answer to op %u on cpu %u\n", req->op, cpu);
 			return -ETIMEDOUT;
@@ -116,23 +189,27 @@ static int hvsim_call(struct mshvr_hvsim_request *req)
 	return 0;
 }
 
-static struct mshvr_hvsim_request *hvsim_this_req(void)
+static u64 hvsim_hypercall(struct mshvr_hvsim_request *req, u64 control, void *input,
+			   void *output, bool irqs_on)
 {
-	return *this_cpu_ptr(hvsim_req);
-}
-
-u64 mshvr_seam_hypercall(u64 control, void *input, void *output)
-{
-	struct mshvr_hvsim_request *req = hvsim_this_req();
-
 	req->op = MSHVR_HVSIM_OP_HYPERCALL;
 	req->control = control;
 	req->input_gpa = virt_to_phys(input);
 	req->output_gpa = virt_to_phys(output);
 	req->result = MSHVR_HV_STATUS_TIME_OUT;
-	if (hvsim_call(req))
+	if (hvsim_call(req, irqs_on))
 		return MSHVR_HV_STATUS_TIME_OUT;
 	return req->result;
+}
+
+u64 mshvr_seam_hypercall(u64 control, void *input, void *output)
+{
+	return hvsim_hypercall(hvsim_this_req(), control, input, output, false);
+}
+
+u64 mshvr_seam_hypercall_irqs_on(u64 control, void *input, void *output)
+{
+	return hvsim_hypercall(this_cpu_ptr(hvsim_cpus)->dispatch, control, input, output, true);
 }
 
 u64 mshvr_seam_hypercall_fast(u64 control, u64 in0, u64 in1)
@@ -147,7 +224,7 @@ u64 mshvr_seam_hypercall_fast(u64 control, u64 in0, u64 in1)
 	req->control = control | MSHVR_HV_CONTROL_FAST_MASK;
 	req->in0 = in0;
 	req->in1 = in1;
-	if (!hvsim_call(req))
+	if (!hvsim_call(req, false))
 		result = req->result;
 	local_irq_restore(flags);
 	return result;
@@ -166,7 +243,7 @@ static int hvsim_op(u32 op, u64 *arg0, u64 *arg1, u64 *arg2)
 	req->arg0 = arg0 ? *arg0 : 0;
 	req->arg1 = arg1 ? *arg1 : 0;
 	req->arg2 = arg2 ? *arg2 : 0;
-	ret = hvsim_call(req);
+	ret = hvsim_call(req, false);
 	if (!ret) {
 		if (arg0)
 			*arg0 = req->arg0;
@@ -241,16 +318,18 @@ static void hvsim_free_pages(void)
 {
 	unsigned int cpu;
 
-	if (!hvsim_req)
+	if (!hvsim_cpus)
 		return;
 	for_each_possible_cpu(cpu) {
-		struct mshvr_hvsim_request *req = *per_cpu_ptr(hvsim_req, cpu);
+		struct hvsim_cpu *c = per_cpu_ptr(hvsim_cpus, cpu);
 
-		if (req)
-			free_page((unsigned long)req);
+		if (c->req)
+			free_page((unsigned long)c->req);
+		if (c->dispatch)
+			free_page((unsigned long)c->dispatch);
 	}
-	free_percpu(hvsim_req);
-	hvsim_req = NULL;
+	free_percpu(hvsim_cpus);
+	hvsim_cpus = NULL;
 }
 
 int mshvr_seam_init(void)
@@ -270,20 +349,21 @@ int mshvr_seam_init(void)
 		ret = -ENODEV;
 		goto err;
 	}
-	hvsim_req = alloc_percpu(struct mshvr_hvsim_request *);
-	if (!hvsim_req) {
+	hvsim_cpus = alloc_percpu(struct hvsim_cpu);
+	if (!hvsim_cpus) {
 		ret = -ENOMEM;
 		goto err;
 	}
 	for_each_possible_cpu(cpu) {
-		/* the doorbell word carries GPA bits 12..31: stay below 4 GiB */
-		unsigned long p = get_zeroed_page(GFP_KERNEL | GFP_DMA32);
+		struct hvsim_cpu *c = per_cpu_ptr(hvsim_cpus, cpu);
 
-		if (!p) {
+		/* the doorbell word carries GPA bits 12..31: stay below 4 GiB */
+		c->req = (void *)get_zeroed_page(GFP_KERNEL | GFP_DMA32);
+		c->dispatch = (void *)get_zeroed_page(GFP_KERNEL | GFP_DMA32);
+		if (!c->req || !c->dispatch) {
 			ret = -ENOMEM;
 			goto err;
 		}
-		*per_cpu_ptr(hvsim_req, cpu) = (void *)p;
 	}
 	ret = hvsim_op(MSHVR_HVSIM_OP_HELLO, &magic, &version, &base);
 	if (ret || magic != MSHVR_HVSIM_MAGIC || version != MSHVR_HVSIM_VERSION) {

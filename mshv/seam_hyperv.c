@@ -73,6 +73,12 @@ u64 mshvr_seam_hypercall(u64 control, void *input, void *output)
 	return hv_do_hypercall(control, input, output);
 }
 
+u64 mshvr_seam_hypercall_irqs_on(u64 control, void *input, void *output)
+{
+	/* the hypervisor returns to the root for each of its interrupts */
+	return hv_do_hypercall(control, input, output);
+}
+
 u64 mshvr_seam_hypercall_fast(u64 control, u64 in0, u64 in1)
 {
 	/* hv_do_fast_hypercall16 sets the fast bit itself */

@@ -42,6 +42,25 @@ void mshvr_hvcall_end(unsigned long flags)
 		irq_depth--;
 }
 
+/* the dispatch pages: preemption off, interrupts left on */
+static unsigned char din_page[4096] __attribute__((aligned(4096)));
+static unsigned char dout_page[4096] __attribute__((aligned(4096)));
+static int preempt_depth;
+
+void *mshvr_hvcall_begin_irqs_on(void **out)
+{
+	preempt_depth++;
+	memset(din_page, 0xAA, sizeof(din_page));
+	memset(dout_page, 0xBB, sizeof(dout_page));
+	*out = dout_page;
+	return din_page;
+}
+
+void mshvr_hvcall_end_irqs_on(void)
+{
+	preempt_depth--;
+}
+
 #define ROOT_ID 0x7777ULL
 u64 mshvr_root_partition_id(void)
 {
@@ -120,6 +139,22 @@ u64 mshvr_seam_hypercall(u64 control, void *input, void *output)
 
 	if (irq_depth != 1)
 		printf("# seam called outside begin/end\n");
+	c->control = control;
+	memcpy(c->in, input, 4096);
+	c->fast = 0;
+	return behaviour(c, output);
+}
+
+static int nirqs_on;
+
+u64 mshvr_seam_hypercall_irqs_on(u64 control, void *input, void *output)
+{
+	struct call *c = &calls[ncalls < 63 ? ncalls++ : 63];
+
+	if (preempt_depth != 1 || irq_depth != 0 || input != din_page || output != dout_page)
+		printf("# irqs-on seam called outside begin/end_irqs_on or on other pages\n");
+	else
+		nirqs_on++;
 	c->control = control;
 	memcpy(c->in, input, 4096);
 	c->fast = 0;
@@ -424,6 +459,35 @@ static void test_mbz_guard(void)
 	   rd32(calls[0].in, 24) == 0x30, "level-triggered bit 32 and vector at 24 accepted");
 }
 
+static u64 dispatch_ready(struct call *c, void *out)
+{
+	(void)c;
+	memcpy(out, "\x02\0\0\0\x01\0\0\0", 8);
+	return result(0, 0);
+}
+
+static void test_dispatch_irqs_on(void)
+{
+	struct mshvr_hv_output_dispatch_vp out = { 0 };
+	int r;
+
+	reset(dispatch_ready);
+	nirqs_on = 0;
+	r = mshvr_hvcall_dispatch_vp(0x11, 3, 0x41, 1000, 0, &out, NULL);
+	ok(r == 0 && ncalls == 1 && nirqs_on == 1 && preempt_depth == 0 && irq_depth == 0,
+	   "dispatch_vp goes through the irqs-on seam on the dispatch pages");
+	ok(rd64(calls[0].in, 0) == 0x11 && rd32(calls[0].in, 8) == 3 &&
+	   rd32(calls[0].in, 12) == 0x41 && rd64(calls[0].in, 16) == 1000 &&
+	   rd64(calls[0].in, 24) == 0 && all_zero(calls[0].in, 32, 4096),
+	   "dispatch_vp input: partition, vp, flags, time slice, spec_ctrl, rest zero");
+	ok(out.dispatch_state == 2 && out.dispatch_event == 1, "dispatch_vp output copied");
+	reset(succeed_all);
+	nirqs_on = 0;
+	r = mshvr_hvcall_get_vp_registers(1, 0, 0, (const u32[]){ 1 },
+					  (struct mshvr_hv_register_value[1]){ 0 }, 1, NULL, NULL);
+	ok(r == 0 && nirqs_on == 0, "other calls keep the interrupts-off pages");
+}
+
 static void test_tables(void)
 {
 	const struct mshvr_hvcall_info *i;
@@ -458,6 +522,7 @@ int main(void)
 	test_rep_output();
 	test_varhead();
 	test_mbz_guard();
+	test_dispatch_irqs_on();
 	test_tables();
 	return tap_done();
 }

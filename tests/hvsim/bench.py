@@ -148,9 +148,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sc = args.scale
     root = Root()
-    root.hv.time_slice = 0.25
+    root.hv.dispatch_quantum = 0.25         # DispatchVp (time slice 0) is preempted after it
     print("hvsim child-VP benchmarks (patched Unicorn, model/cpu.py); time slice %.2f s"
-          % root.hv.time_slice)
+          % root.hv.dispatch_quantum)
     print("%-10s %14s %9s %10s %10s  %s" % ("bench", "instructions", "seconds", "MIPS", "dispatches", "note"))
     try:
         insns, t, n = bench_compute(root, int(40_000_000 * sc))

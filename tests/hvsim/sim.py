@@ -28,6 +28,8 @@ from transport import Transport  # noqa: E402
 from model import Hypervisor  # noqa: E402
 from model.memory import MmapRam  # noqa: E402
 
+ROOT_IRQ_OFF = S.hvsim_request.OFFSETS["root_irq"]
+
 
 def module_path(kernel_version):
     """The hvsim build of mshv_root.ko for a Debian kernel version."""
@@ -122,15 +124,21 @@ class Simulator:
         mem = self.transport
         req = S.hvsim_request.from_bytes(mem.read(gpa, S.hvsim_request.SIZE))
         self.requests += 1
-        if req.rsvd0:
-            raise ValueError(f"hvsim request with rsvd0={req.rsvd0:#x}")
+        if req.flags & ~S.HVSIM_REQUEST_CALLER_IRQS_ENABLED or req.rsvd1:
+            raise ValueError(f"hvsim request with flags={req.flags:#x} rsvd1={req.rsvd1:#x}")
+        irqs_on = bool(req.flags & S.HVSIM_REQUEST_CALLER_IRQS_ENABLED)
         op = req.op
         if op == S.HVSIM_OP_HELLO:
             req.arg0, req.arg1, req.arg2 = S.HVSIM_MAGIC, S.HVSIM_VERSION, self.vm.reserved_base
         elif self.hv is None:
             raise RuntimeError("request before the model exists")
         elif op == S.HVSIM_OP_HYPERCALL:
-            req.result = self.hv.hypercall(cpu, req.control, req.input_gpa, req.output_gpa)
+            # a CPU waiting with interrupts on flags the interrupts it takes in
+            # root_irq: the model polls it while it runs a VP for this call
+            flag = gpa + ROOT_IRQ_OFF
+            poll = (lambda: mem.read_u32(flag) != 0) if irqs_on else None
+            req.result = self.hv.hypercall(cpu, req.control, req.input_gpa, req.output_gpa,
+                                           caller_irqs=irqs_on, root_irq=poll)
         elif op == S.HVSIM_OP_HYPERCALL_FAST:
             req.result = self.hv.hypercall_fast(cpu, req.control, req.in0, req.in1)
         elif op == S.HVSIM_OP_SYNIC_PAGES:
@@ -138,6 +146,13 @@ class Simulator:
             req.arg0, req.arg1, req.arg2 = self.hv.synic_pages(req.arg0, enable=True)
         elif op == S.HVSIM_OP_EOM:
             self.hv.eom(req.arg0)
+        elif op == S.HVSIM_OP_ROOT_IRQ:
+            # the CPU took an interrupt while its dispatch page (arg0, seq arg1)
+            # was pending; if that request is still being served, it ends
+            d = S.hvsim_request.from_bytes(mem.read(req.arg0, S.hvsim_request.SIZE))
+            if (d.state == S.HVSIM_STATE_PENDING and d.cpu == cpu and d.seq == req.arg1
+                    and req.arg0 != gpa):
+                self.hv.root_interrupt(cpu)
         elif op == S.HVSIM_OP_QUERY:
             text = json.dumps(self.report()).encode()
             if len(text) > req.arg1:
@@ -149,7 +164,8 @@ class Simulator:
         else:
             raise ValueError(f"unknown hvsim op {op}")
         # write back everything but the state word (the transport sets it last)
-        mem.write(gpa + 8, bytes(req)[8:])
+        # and root_irq (the guest's while the request is pending)
+        mem.write(gpa + 8, bytes(req)[8:ROOT_IRQ_OFF])
 
     def control(self, command):
         """Fault injection from inside the root (debugfs mshv_hvsim/control):

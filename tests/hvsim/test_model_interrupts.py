@@ -399,7 +399,7 @@ def test_lowest_priority_broadcast_goes_to_one_vp(root):
 def test_tpr_masks_lower_priority_classes(root):
     pid = root.new_guest()
     msg = real_mode(root, pid, STI_LOOP, vectors=(0x30, 0x50), eoi=True)
-    root.hv.max_insns = 2000
+    root.hv.dispatch_quantum = 0.25        # the model preempts the dispatch
     assert root.set_regs(pid, 0, [(R.HV_X64_REGISTER_CR8, 4)])[0] == S.HV_STATUS_SUCCESS
     assert root.hv.partitions[pid].vps[0].apic.tpr == 0x40
     assert assert_irq(root, pid, 0x30) == S.HV_STATUS_SUCCESS
@@ -419,7 +419,7 @@ def test_tpr_masks_lower_priority_classes(root):
 def test_guest_tpr_by_x2apic_msr(root):
     pid = root.new_guest()
     msg = real_mode(root, pid, wrmsr16(0x808, 0x40) + STI_LOOP)
-    root.hv.max_insns = 2000
+    root.hv.dispatch_quantum = 0.25        # the model preempts the dispatch
     assert assert_irq(root, pid, 0x30) == S.HV_STATUS_SUCCESS
     release(root, pid)
     assert root.dispatch(pid, 0) == PREEMPTED
@@ -430,7 +430,7 @@ def test_guest_tpr_by_x2apic_msr(root):
 def test_guest_tpr_by_mov_cr8(root):
     # mov eax, 3; mov cr8, rax; sti; jmp .
     pid, msg = _long_mode_guest(root, bytes.fromhex("b803000000" "440f22c0") + STI_LOOP)
-    root.hv.max_insns = 2000
+    root.hv.dispatch_quantum = 0.25        # the model preempts the dispatch
     assert assert_irq(root, pid, 0x30) == S.HV_STATUS_SUCCESS
     assert root.dispatch(pid, 0) == PREEMPTED                 # class 3 <= TPR class 3
     vp = root.hv.partitions[pid].vps[0]
@@ -443,7 +443,7 @@ def test_guest_tpr_by_mov_cr8(root):
 def test_same_class_waits_for_eoi(root):
     pid = root.new_guest()
     msg = real_mode(root, pid, STI_LOOP, vectors=(0x41, 0x42))     # handlers IRET without EOI
-    root.hv.max_insns = 2000
+    root.hv.dispatch_quantum = 0.25        # the model preempts the dispatch
     assert assert_irq(root, pid, 0x41) == S.HV_STATUS_SUCCESS
     assert assert_irq(root, pid, 0x42) == S.HV_STATUS_SUCCESS
     release(root, pid)
@@ -502,7 +502,7 @@ def test_level_triggered_eoi_message(root):
     assert root.take_message(0) is None and root.take_message(1) is None
     # edge-triggered: EOI sends nothing
     assert assert_irq(root, pid, 0x30, dest=1) == S.HV_STATUS_SUCCESS
-    root.hv.max_insns = 2000
+    root.hv.dispatch_quantum = 0.25        # the model preempts the dispatch
     assert root.dispatch(pid, 1) == READY_INTERCEPT
     advance(root, pid, vp=1)
     assert root.dispatch(pid, 1, S.HV_DISPATCH_VP_FLAG_CLEAR_INTERCEPT_SUSPEND) == PREEMPTED

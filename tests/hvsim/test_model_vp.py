@@ -300,7 +300,7 @@ def test_cpuid_intercept_when_installed(root):
 
 def test_dispatch_is_preempted(root):
     pid = root.new_guest()
-    root.hv.max_insns = 2000
+    root.hv.dispatch_quantum = 0.25        # the model preempts the dispatch
     root.real_mode_guest(pid, bytes.fromhex("ebfe"))              # jmp $
     release(root, pid)
     assert root.dispatch(pid, 0) == (S.HV_VP_DISPATCH_STATE_READY, root.hv.preempt_event)

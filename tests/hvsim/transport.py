@@ -17,7 +17,11 @@ Design (details in docs/hvsim-transport.md):
   16550 UART (``isa-serial`` at IRQ_PORT/IRQ) through its chardev socket;
   the guest module owns the UART (RX interrupt) and reads the byte.
 
-Doorbells are handled one at a time on a single thread, in arrival order.
+Doorbells are read on one thread and served by one worker per request page
+(doorbell word), each in arrival order: a CPU has one request outstanding
+per page, and a long one (a VP dispatch on the CPU's dispatch page) stalls
+neither other CPUs nor the requests the same CPU's interrupt handlers make
+on its other page meanwhile.
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ class Transport:
         # spin on a request nobody will answer
         self.on_error: Callable[[BaseException], None] | None = None
         self._workers_lock = threading.Lock()
-        self._queues: dict = {}      # cpu -> queue of doorbell words
+        self._queues: dict = {}      # doorbell word (page | cpu) -> its queue
         self.doorbells = 0           # served requests
         self.handle_ns = 0           # time spent in handle() + completion
 
@@ -203,15 +207,17 @@ class Transport:
             raise
 
     def _dispatch(self, word: int) -> None:
-        """Hand the request to its CPU's worker: a CPU has at most one request
-        outstanding (it spins until DONE), so per-CPU workers keep each CPU's
-        order while a long request (a VP dispatch) does not stall the others."""
-        cpu = word & CPU_MASK
+        """Hand the request to the worker of its page: a page has at most one
+        request outstanding (its CPU spins until DONE), so per-page workers
+        keep each page's order, while a long request (a VP dispatch, on the
+        CPU's dispatch page) stalls neither the other CPUs nor the requests
+        that the same CPU's interrupt handlers make on its other page."""
         with self._workers_lock:
-            q = self._queues.get(cpu)
+            q = self._queues.get(word)
             if q is None:
-                q = self._queues[cpu] = queue.SimpleQueue()
-                threading.Thread(target=self._work, args=(q,), name=f"hvsim-cpu{cpu}",
+                q = self._queues[word] = queue.SimpleQueue()
+                threading.Thread(target=self._work, args=(q,),
+                                 name=f"hvsim-cpu{word & CPU_MASK}-{word & ~CPU_MASK:#x}",
                                  daemon=True).start()
         q.put(word)
 

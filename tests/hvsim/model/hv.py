@@ -16,6 +16,7 @@ Every input is decoded with the generated bindings (gen/python/mshv_spec.py).
 """
 
 import collections
+import math
 import os
 import random
 import struct
@@ -190,6 +191,8 @@ class Vp:
         self.notify_cpu = None   # core scheduler: the root CPU that last released the VP
         self.dispatch_cpu = None # root scheduler: the root CPU whose DispatchVp runs the VP
         self.root_irq = False    # a root interrupt for the dispatching CPU: end the dispatch
+        self.root_irq_ok = False # root scheduler: the dispatching CPU takes interrupts
+        self.root_irq_poll = None  # and this tells whether it has taken one (the hvsim seam's flag)
         self.signal_count = 0
         self.apic = LocalApic(index)   # local APIC state (apic.py)
         self.vp_state = {}       # Get/SetVpState blobs
@@ -319,8 +322,18 @@ class Hypervisor:
         self._delays = {}
         self.allow_remap = False
         self.require_super_pages_flag = True
-        self.max_insns = 200000
-        self.time_slice = 0.25        # seconds of emulation per DispatchVp / core slice
+        # The hypervisor's own preemption: time_slice seconds per core
+        # scheduler slice; a root-scheduler DispatchVp is bounded by its input
+        # time slice (0: until something happens) and, when set, by
+        # dispatch_quantum seconds (tests set it to get a preempted dispatch).
+        # max_insns is passed to the engine, which does not count
+        # instructions (kept for callers that set it).
+        self.time_slice = 0.25
+        self.dispatch_quantum = None
+        self.max_insns = None
+        # how often a running VP looks at a polled root-interrupt flag
+        # (hypercall(root_irq=...)) that no root_interrupt() announced
+        self.root_irq_poll_period = 0.01
         self.preempt_event = S.HV_VP_DISPATCH_EVENT_SUSPEND
         # DispatchVp of a VP halted with IF=1 (HLT, nothing pending): BLOCKED + this
         # event. Undocumented; anything but SUSPEND is Linux's "root_sched_blocked".
@@ -546,13 +559,18 @@ class Hypervisor:
         return "\n".join(lines)
 
     # ================================================================ hypercall entry
-    def hypercall(self, cpu, control, in_gpa, out_gpa):
-        return self._call(cpu, control, False, in_gpa, out_gpa, None)
+    def hypercall(self, cpu, control, in_gpa, out_gpa, caller_irqs=True, root_irq=None):
+        """caller_irqs: the calling root CPU has interrupts enabled during the
+        call (a DispatchVp then ends when it takes one). root_irq: None, or a
+        callable telling whether the calling CPU has taken an interrupt since
+        the call began (polled while a VP runs for it)."""
+        return self._call(cpu, control, False, in_gpa, out_gpa, None, caller_irqs, root_irq)
 
     def hypercall_fast(self, cpu, control, in0, in1):
         return self._call(cpu, control, True, None, None, struct.pack("<QQ", in0 & U64, in1 & U64))
 
-    def _call(self, cpu, control, fast_api, in_gpa, out_gpa, fast_bytes):
+    def _call(self, cpu, control, fast_api, in_gpa, out_gpa, fast_bytes, caller_irqs=False,
+              root_irq=None):
         code = spec.control_field(control, "call_code")
         t0 = time.monotonic()
         cont = None
@@ -562,6 +580,7 @@ class Hypervisor:
                 self.calls[code] += 1
                 c = _Call(self, cpu, control, code, fast_api, in_gpa, out_gpa, fast_bytes)
                 self._cur_code = code
+                c.caller_irqs, c.root_irq_poll = caller_irqs, root_irq
                 status = c.validate()
                 if status is None:
                     status = self._inject(code)
@@ -2214,10 +2233,26 @@ class Hypervisor:
             self.mem.write(slot, bytes(msg[:4]))       # the type goes last
             self._post_notify(cpu)
             vp = self._dispatching.get(cpu)
-            if vp is not None:
-                vp.root_irq = True      # the CPU has an interrupt: its DispatchVp returns
-                self._kick(vp)
+            if vp is not None and vp.root_irq_ok:
+                self._root_irq(vp)      # the CPU has an interrupt: its DispatchVp returns
             return
+
+    def _root_irq(self, vp):
+        """The CPU dispatching `vp` has an interrupt to take: the dispatch ends
+        at the VP's next instruction boundary (READY + preempt_event)."""
+        vp.root_irq = True
+        self._kick(vp)
+
+    def root_interrupt(self, cpu):
+        """Root scheduler: root CPU `cpu` took an interrupt (hvsim: the seam's
+        HVSIM_OP_ROOT_IRQ). If its DispatchVp runs a VP and the CPU takes
+        interrupts during it, the dispatch returns. Returns whether it does."""
+        with self._lock:
+            vp = self._dispatching.get(cpu)
+            if vp is None or not vp.root_irq_ok:
+                return False
+            self._root_irq(vp)
+            return True
 
     def eom(self, cpu):
         """The root wrote EOM on `cpu`: deliver the next queued message(s)."""
@@ -2521,7 +2556,7 @@ class Hypervisor:
         st.shadow_at = None
         return True
 
-    def _run_slice(self, vp):
+    def _run_slice(self, vp, deadline=None):
         """Run the VP (model lock NOT held). Returns the engine Exit.
 
         Interrupts are delivered here between engine runs: before entering the
@@ -2530,36 +2565,56 @@ class Hypervisor:
         nothing pending the VP is halted and the slice ends with "blocked").
         Accesses the hypervisor completes itself (xAPIC page, doorbells) are
         handled here too. In the root scheduler a root interrupt for the
-        dispatching CPU (a message written to its SIM page) ends the slice
-        with "preempt", so the root can take it."""
+        dispatching CPU (a message written to its SIM page, the seam's flag
+        polled through vp.root_irq_poll, hv.root_interrupt) ends the slice
+        with "preempt", so the root can take it; so does `deadline` (the
+        dispatch's time slice; default: the core scheduler's slice)."""
         from .cpu import Exit
         eng = self._engine(vp)
-        deadline = time.monotonic() + self.time_slice
-        budget = self.max_insns
+        if deadline is None:
+            deadline = time.monotonic() + self.time_slice
+        budget = self.max_insns if self.max_insns is not None else 1 << 62
+        # the engine gets a finite deadline (its kicker thread waits for it);
+        # a longer slice is run in chunks. The engine looks at stop() only at
+        # exits and kicks: a root-interrupt flag that nobody kicks for (the
+        # hvsim seam's, polled) is seen at the end of a chunk at the latest.
+        chunk = self.root_irq_poll_period if vp.root_irq_poll is not None else 60.0
         irq = vp.apic.pending_kind
 
+        def root_irq():
+            if vp.root_irq:
+                return True
+            poll = vp.root_irq_poll
+            if poll is not None and poll():
+                vp.root_irq = True
+                return True
+            return False
+
         def stop():
-            return vp.stop_req or vp.root_irq
+            return vp.stop_req or root_irq()
         while True:
             with self._lock:
                 self._sync_reg_page_in(vp)
                 st = vp.cpu.copy()
                 if vp.stop_req:
                     return Exit("stopped")
-                if vp.root_irq:
+                if root_irq():
                     return Exit("preempt")
                 ex = self._irq_entry(vp, st)
                 st.cr8 = vp.apic.tpr >> 4
                 vp.cpu = st
                 if ex is not None:
                     return ex
-            ex = eng.run(st, budget, deadline, stop, self._decide(vp), irq)
+            ex = eng.run(st, budget, min(deadline, time.monotonic() + chunk), stop,
+                         self._decide(vp), irq)
             budget -= eng.count
             handled = False
             with self._lock:
                 vp.cpu = st
                 if ex.kind == "stopped" and not vp.stop_req:
                     ex = Exit("preempt")
+                elif ex.kind == "preempt" and time.monotonic() < deadline:
+                    handled = True          # the end of a chunk, not of the slice
                 if ex.kind == "interrupt":
                     handled = True
                 elif ex.kind == "halt" and st.rflags & RF_IF:
@@ -2600,6 +2655,8 @@ class Hypervisor:
             allowed |= v
         if i.flags & ~allowed:
             return S.HV_STATUS_INVALID_PARAMETER
+        if i.spec_ctrl and not i.flags & S.HV_DISPATCH_VP_FLAG_SET_CALLER_SPEC_CTRL:
+            return S.HV_STATUS_INVALID_PARAMETER     # a value for a flag not given
         if vp.running:
             return S.HV_STATUS_INVALID_VP_STATE
         O = S.hv_output_dispatch_vp
@@ -2620,21 +2677,40 @@ class Hypervisor:
                     if iv.vector[k] >= MIN_VECTOR:
                         vp.apic.accept(iv.vector[k], False)     # edge, like a FIXED assert
                 self.mem.write(off, bytes(8))
+        # The root takes its interrupts during the dispatch if it called with
+        # them enabled, or asked for them with ENABLE_CALLER_INTERRUPTS; then
+        # each one ends the dispatch. Otherwise the VP keeps the CPU until it
+        # exits or the time slice ends: Hyper-V accepts that, the driver
+        # promises never to do it (docs/design.md, "Run loop").
+        root_irq_ok = bool(getattr(c, "caller_irqs", True)
+                           or i.flags & S.HV_DISPATCH_VP_FLAG_ENABLE_CALLER_INTERRUPTS)
+        if not root_irq_ok:
+            self.contract_violations.append(
+                "DispatchVp of vp %x/%d on cpu %d with the root's interrupts disabled"
+                % (p.id, vp.index, c.cpu))
+        ts = i.time_slice                           # 100 ns units; 0: no limit
         vp.running = True
         vp.stop_req = False
         vp.root_irq = False
+        vp.root_irq_ok = root_irq_ok
+        vp.root_irq_poll = getattr(c, "root_irq_poll", None) if root_irq_ok else None
         vp.dispatch_cpu = c.cpu
         self._dispatching[c.cpu] = vp
 
         def cont():
+            deadline = time.monotonic() + ts * 1e-7 if ts else math.inf
+            if self.dispatch_quantum is not None:
+                deadline = min(deadline, time.monotonic() + self.dispatch_quantum)
             try:
-                ex = self._run_slice(vp)
+                ex = self._run_slice(vp, deadline)
             finally:
                 with self._lock:
                     vp.running = False
                     if self._dispatching.get(c.cpu) is vp:
                         del self._dispatching[c.cpu]
                     vp.root_irq = False
+                    vp.root_irq_ok = False
+                    vp.root_irq_poll = None
                     self._cond.notify_all()
             with self._lock:
                 if vp.deleted:
