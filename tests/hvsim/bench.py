@@ -25,27 +25,23 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from model.testkit import Root, S, seg_pack, table_pack  # noqa: E402
+from model.testkit import Root, S  # noqa: E402
 
 R = S
-CODE, STACK, GDT, PML4 = 0x3000, 0x9000, 0x500, 0x10000
+STACK = 0x9000                   # code at 0x3000 (Root.long_mode_guest)
 ARRAY = 0x100000                 # 1 MiB inside the 2 MiB identity page
 PAGED_BASE, PAGED_MB = 0x200000, 8
-GDT64 = struct.pack("<3Q", 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF)
 
 
 def long_mode_guest(root, code, paged=False):
-    """A child partition with one VP in 64-bit mode running `code` at CODE.
+    """A child partition with one VP in 64-bit mode running `code` at 0x3000.
     GPA [0, 2 MiB) is one 2 MiB page; with paged=True GPA [2 MiB, 10 MiB) is
     also mapped, with 4 KiB pages (page tables at 1.5 MiB)."""
     pid = root.new_guest()
     pages = (PAGED_BASE + PAGED_MB * 2 ** 20) // 4096 if paged else 512
     for gfn in range(0, pages, 256):              # one rep list per input page
         root.map_ram(pid, gfn, min(256, pages - gfn))
-    root.gwrite(pid, GDT, GDT64)
-    root.gwrite(pid, PML4, struct.pack("<Q", 0x11000 | 3))
-    root.gwrite(pid, 0x11000, struct.pack("<Q", 0x12000 | 3))
-    pd = [0x83]
+    pd = []
     if paged:
         pt_base = 0x180000
         for k in range(PAGED_MB // 2):
@@ -53,18 +49,7 @@ def long_mode_guest(root, code, paged=False):
             pd.append(pt | 3)
             base = PAGED_BASE + k * 2 ** 21
             root.gwrite(pid, pt, b"".join(struct.pack("<Q", (base + i * 4096) | 3) for i in range(512)))
-    root.gwrite(pid, 0x12000, b"".join(struct.pack("<Q", e) for e in pd))
-    root.gwrite(pid, CODE, code)
-    data = seg_pack((0, 0xFFFFFFFF, 0x10, 0xC093))
-    regs = [(R.HV_X64_REGISTER_CR3, PML4), (R.HV_X64_REGISTER_CR4, 0x20),
-            (R.HV_X64_REGISTER_EFER, 0x500), (R.HV_X64_REGISTER_CR0, 0x80000011),
-            (R.HV_X64_REGISTER_GDTR, table_pack((GDT, 23))),
-            (R.HV_X64_REGISTER_CS, seg_pack((0, 0xFFFFFFFF, 0x08, 0xA09B))),
-            (R.HV_X64_REGISTER_DS, data), (R.HV_X64_REGISTER_SS, data), (R.HV_X64_REGISTER_ES, data),
-            (R.HV_X64_REGISTER_RIP, CODE), (R.HV_X64_REGISTER_RSP, STACK),
-            (R.HV_REGISTER_EXPLICIT_SUSPEND, 0)]
-    assert root.set_regs(pid, 0, regs)[0] == S.HV_STATUS_SUCCESS
-    msg = root.map_state_page(pid, 0, S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE)
+    msg = root.long_mode_guest(pid, code, pd_extra=pd, rsp=STACK)
     return pid, msg
 
 

@@ -240,24 +240,7 @@ def _long_mode_guest(root, code):
     (pid, its intercept-message page)."""
     pid = root.new_guest()
     root.map_ram(pid, 0, 32)
-    root.gwrite(pid, 0x500, GDT64)
-    root.gwrite(pid, 0x10000, struct.pack("<Q", 0x11000 | 3))
-    root.gwrite(pid, 0x11000, struct.pack("<Q", 0x12000 | 3))
-    root.gwrite(pid, 0x12000, struct.pack("<Q", 0x83))          # 2 MiB identity page
-    root.gwrite(pid, 0x700 + 0x30 * 16, gate64(0x4000))
-    root.gwrite(pid, 0x4000, handler(0x30))
-    root.gwrite(pid, 0x3000, code)
-    data = seg_pack((0, 0xFFFFFFFF, 0x10, 0xC093))
-    regs = [(R.HV_X64_REGISTER_CR3, 0x10000), (R.HV_X64_REGISTER_CR4, 0x20),
-            (R.HV_X64_REGISTER_EFER, 0x500), (R.HV_X64_REGISTER_CR0, 0x80000011),
-            (R.HV_X64_REGISTER_GDTR, table_pack((0x500, 23))),
-            (R.HV_X64_REGISTER_IDTR, table_pack((0x700, 0x30 * 16 + 15))),
-            (R.HV_X64_REGISTER_CS, seg_pack((0, 0xFFFFFFFF, 0x08, 0xA09B))),
-            (R.HV_X64_REGISTER_DS, data), (R.HV_X64_REGISTER_SS, data),
-            (R.HV_X64_REGISTER_RIP, 0x3000), (R.HV_X64_REGISTER_RSP, 0x9008),
-            (R.HV_REGISTER_EXPLICIT_SUSPEND, 0)]
-    assert root.set_regs(pid, 0, regs)[0] == S.HV_STATUS_SUCCESS
-    msg = root.map_state_page(pid, 0, S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE)
+    msg = root.long_mode_guest(pid, code, [(0x30, handler(0x30))], idt_limit=0x30 * 16 + 15, rsp=0x9008)
     return pid, msg
 
 

@@ -699,36 +699,13 @@ def test_guest_ex_hypercalls_when_advertised(root):
 GP_HANDLER = bytes.fromhex("8f042510600000" "4883042402" "ff04250c600000" "48cf")
 
 
-GDT64 = struct.pack("<3Q", 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF)
 READY_INTERCEPT = (S.HV_VP_DISPATCH_STATE_READY, S.HV_VP_DISPATCH_EVENT_INTERCEPT)
-
-
-def gate64(off, sel=0x08):
-    return struct.pack("<HHBBHII", off & 0xFFFF, sel, 0, 0x8E, (off >> 16) & 0xFFFF, off >> 32, 0)
 
 
 def long_mode(root, pid, code, handlers=(), vp=0):
     """Long mode, 2 MiB identity map, code at 0x3000, handlers (vector,
     bytes) at 0x4000 + 0x100*k, stack below 0x9000."""
-    root.gwrite(pid, 0x500, GDT64)
-    root.gwrite(pid, 0x10000, struct.pack("<Q", 0x11000 | 3))
-    root.gwrite(pid, 0x11000, struct.pack("<Q", 0x12000 | 3))
-    root.gwrite(pid, 0x12000, struct.pack("<Q", 0x83))
-    for k, (vec, body) in enumerate(handlers):
-        root.gwrite(pid, 0x700 + vec * 16, gate64(0x4000 + 0x100 * k))
-        root.gwrite(pid, 0x4000 + 0x100 * k, body)
-    root.gwrite(pid, 0x3000, code)
-    data = seg_pack((0, 0xFFFFFFFF, 0x10, 0xC093))
-    regs = [(R.HV_X64_REGISTER_CR3, 0x10000), (R.HV_X64_REGISTER_CR4, 0x20),
-            (R.HV_X64_REGISTER_EFER, 0x500), (R.HV_X64_REGISTER_CR0, 0x80000011),
-            (R.HV_X64_REGISTER_GDTR, table_pack((0x500, 23))),
-            (R.HV_X64_REGISTER_IDTR, table_pack((0x700, 0xFF * 16 + 15))),
-            (R.HV_X64_REGISTER_CS, seg_pack((0, 0xFFFFFFFF, 0x08, 0xA09B))),
-            (R.HV_X64_REGISTER_DS, data), (R.HV_X64_REGISTER_SS, data),
-            (R.HV_X64_REGISTER_RIP, 0x3000), (R.HV_X64_REGISTER_RSP, 0x9000),
-            (R.HV_REGISTER_EXPLICIT_SUSPEND, 0)]
-    assert root.set_regs(pid, vp, regs)[0] == S.HV_STATUS_SUCCESS
-    return root.map_state_page(pid, vp, S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE)
+    return root.long_mode_guest(pid, code, handlers, vp)
 
 
 def run_until_intercept(root, pid, timeout=8.0):

@@ -714,9 +714,7 @@ class Hypervisor:
     # ================================================================ partitions
     def _hc_create_partition(self, c):
         i = c.inp
-        allowed = 0
-        for v in spec.enum("hv_partition_creation_flag").values():
-            allowed |= v
+        allowed = spec.enum_mask("hv_partition_creation_flag")
         if i.flags & ~allowed:
             return S.HV_STATUS_INVALID_PARAMETER
         if i.bits("isolation_properties", "isolation_type") != 0:
@@ -933,9 +931,7 @@ class Hypervisor:
     def _hc_map_gpa_pages(self, c):
         i = c.inp
         p = self._child(i.target_partition_id)
-        allowed = 0
-        for v in spec.enum("hv_map_gpa_flag").values():
-            allowed |= v
+        allowed = spec.enum_mask("hv_map_gpa_flag")
         flags = i.map_flags
         if flags & ~allowed:
             return S.HV_STATUS_INVALID_PARAMETER
@@ -1041,9 +1037,7 @@ class Hypervisor:
     def _hc_unmap_gpa_pages(self, c):
         i = c.inp
         p = self._child(i.target_partition_id)
-        allowed = 0
-        for v in spec.enum("hv_unmap_gpa_flag").values():
-            allowed |= v
+        allowed = spec.enum_mask("hv_unmap_gpa_flag")
         if i.unmap_flags & ~allowed:
             return S.HV_STATUS_INVALID_PARAMETER
         large = bool(i.unmap_flags & S.HV_UNMAP_GPA_LARGE_PAGE)
@@ -1104,9 +1098,7 @@ class Hypervisor:
     def _hc_install_intercept(self, c):
         i = c.inp
         p = self._child(i.partition_id, (ST_CREATED, ST_INITIALIZED))
-        allowed = 0
-        for v in spec.enum("hv_intercept_access_type_mask").values():
-            allowed |= v
+        allowed = spec.enum_mask("hv_intercept_access_type_mask")
         if i.access_type & ~allowed or i.intercept_type not in spec.enum("hv_intercept_type").values() \
                 or i.intercept_type == S.HV_INTERCEPT_TYPE_INVALID:
             return S.HV_STATUS_INVALID_PARAMETER
@@ -2650,9 +2642,7 @@ class Hypervisor:
         i = c.inp
         p = self._child(i.partition_id)
         vp = self._vp(p, i.vp_index)
-        allowed = 0
-        for v in spec.enum("hv_dispatch_vp_flag").values():
-            allowed |= v
+        allowed = spec.enum_mask("hv_dispatch_vp_flag")
         if i.flags & ~allowed:
             return S.HV_STATUS_INVALID_PARAMETER
         if i.spec_ctrl and not i.flags & S.HV_DISPATCH_VP_FLAG_SET_CALLER_SPEC_CTRL:

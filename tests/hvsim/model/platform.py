@@ -940,9 +940,7 @@ class GuestPlatform:
 
     def _hc_flush(self, vp, code, inp, bank, elems):
         p = vp.part
-        allowed = 0
-        for v in spec.enum("hv_flush_flag").values():
-            allowed |= v
+        allowed = spec.enum_mask("hv_flush_flag")
         if inp.flags & ~allowed:
             return S.HV_STATUS_INVALID_PARAMETER
         if code in (S.HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE_EX, S.HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST_EX):

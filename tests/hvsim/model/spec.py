@@ -23,6 +23,14 @@ def enum(name):
     return S.ENUMS[name]
 
 
+def enum_mask(name):
+    """The OR of every value of a flags enum: the bits a caller may set."""
+    mask = 0
+    for v in S.ENUMS[name].values():
+        mask |= v
+    return mask
+
+
 REGISTER_NAMES = {v: k for k, v in enum("hv_register_name").items()}
 MESSAGE_NAMES = {v: k for k, v in enum("hv_message_type").items()}
 PROPERTY_NAMES = {v: k for k, v in enum("hv_partition_property_code").items()}

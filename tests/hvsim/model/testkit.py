@@ -317,6 +317,37 @@ class Root:
         assert self.set_regs(pid, vp, r)[0] == S.HV_STATUS_SUCCESS
         return pfns
 
+    def long_mode_guest(self, pid, code, handlers=(), vp=0, idt_limit=0xFF * 16 + 15, rsp=0x9000,
+                        pd_extra=()):
+        """64-bit mode on mapped GPA [0, 2 MiB): one 2 MiB identity page
+        (plus the page-directory entries `pd_extra` after it), GDT at 0x500
+        (0x08 code, 0x10 data), page tables at 0x10000, `code` at 0x3000,
+        interrupt gates for `handlers` [(vector, bytes)] at 0x4000 + 0x100*k
+        (IDT at 0x700). Returns the VP's intercept-message page."""
+        gdt = struct.pack("<3Q", 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF)
+        self.gwrite(pid, 0x500, gdt)
+        self.gwrite(pid, 0x10000, struct.pack("<Q", 0x11000 | 3))
+        self.gwrite(pid, 0x11000, struct.pack("<Q", 0x12000 | 3))
+        self.gwrite(pid, 0x12000, b"".join(struct.pack("<Q", e) for e in (0x83,) + tuple(pd_extra)))
+        for k, (vec, body) in enumerate(handlers):
+            off = 0x4000 + 0x100 * k
+            gate = struct.pack("<HHBBHII", off & 0xFFFF, 0x08, 0, 0x8E, (off >> 16) & 0xFFFF, off >> 32, 0)
+            self.gwrite(pid, 0x700 + vec * 16, gate)
+            self.gwrite(pid, off, body)
+        self.gwrite(pid, 0x3000, code)
+        data = seg_pack((0, 0xFFFFFFFF, 0x10, 0xC093))
+        R = S
+        regs = [(R.HV_X64_REGISTER_CR3, 0x10000), (R.HV_X64_REGISTER_CR4, 0x20),
+                (R.HV_X64_REGISTER_EFER, 0x500), (R.HV_X64_REGISTER_CR0, 0x80000011),
+                (R.HV_X64_REGISTER_GDTR, table_pack((0x500, 23))),
+                (R.HV_X64_REGISTER_IDTR, table_pack((0x700, idt_limit))),
+                (R.HV_X64_REGISTER_CS, seg_pack((0, 0xFFFFFFFF, 0x08, 0xA09B))),
+                (R.HV_X64_REGISTER_DS, data), (R.HV_X64_REGISTER_SS, data), (R.HV_X64_REGISTER_ES, data),
+                (R.HV_X64_REGISTER_RIP, 0x3000), (R.HV_X64_REGISTER_RSP, rsp),
+                (R.HV_REGISTER_EXPLICIT_SUSPEND, 0)]
+        assert self.set_regs(pid, vp, regs)[0] == S.HV_STATUS_SUCCESS
+        return self.map_state_page(pid, vp, S.HV_VP_STATE_PAGE_INTERCEPT_MESSAGE)
+
     def gwrite(self, pid, gpa, data):
         """Write guest memory through the root's view (the page the GFN maps)."""
         part = self.hv.partitions[pid]
