@@ -11,7 +11,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model.testkit import S, seg_pack, table_pack  # noqa: E402
+from model.testkit import S  # noqa: E402
 from model.spec import make_control, result_status, result_reps  # noqa: E402
 from model import apic as A  # noqa: E402
 from model import platform as PL  # noqa: E402
