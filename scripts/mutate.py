@@ -164,6 +164,7 @@ def python():
 def environment(scratch, kernels):
     env = dict(os.environ)
     env["HVSIM_CACHE"] = str(ROOT / ".cache" / "hvsim")    # no refetching kernels
+    env.setdefault("HVSIM_UNICORN_CACHE", str(ROOT / ".cache" / "unicorn"))  # nor rebuilding Unicorn
     env["TMPDIR"] = str(scratch / "tmp")    # the VMs' work dirs: found and removed with it
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     if kernels:

@@ -398,3 +398,25 @@ def test_fetch_reads_through_the_mmu_without_side_effects(m):
     assert m.reg("CR2") == 0x5000
     assert m.run(bytes.fromhex("0f0b"), at=CODE + 0x200)[0] == ucx.EXIT_HLT  # no stale #PF state
     assert m.records() == [(6, 0, CODE + 0x200, KCODE)]
+
+
+def test_injected_event_goes_in_before_a_pending_kick(m):
+    """A kick that was already pending must not leave the injected event
+    queued inside Unicorn behind a returned run."""
+    ucx.kick(m.uc)
+    ucx.inject(m.uc, ucx.INJECT_INTERRUPT, 0x30)
+    m.uc.mem_write(CODE, bytes.fromhex("ebfe"))
+    m.uc.reg_write(X.UC_X86_REG_RIP, CODE)
+    m.run()
+    assert m.records() == [(0x30, 0, CODE, KCODE)]
+    ucx.inject(m.uc, ucx.INJECT_INTERRUPT, 0x30)          # the queue is free again
+
+
+def test_a_step_that_ends_on_an_exit_does_not_linger(m):
+    ucx.set_exception_exits(m.uc, 1 << 6)
+    m.uc.mem_write(CODE, bytes.fromhex("0f0b" "90" "f4"))  # ud2; nop; hlt
+    m.uc.reg_write(X.UC_X86_REG_RIP, CODE)
+    ucx.step(m.uc)
+    assert m.run() == (ucx.EXIT_EXCEPTION, 6, -1)
+    m.uc.reg_write(X.UC_X86_REG_RIP, CODE + 2)          # the VMM skips the ud2
+    assert m.run()[0] == ucx.EXIT_HLT and m.rip() == CODE + 3

@@ -162,7 +162,7 @@ class Engine:
         ucx.set_exit_insns(self.uc, EXIT_INSNS)
         self.exc_bitmap = None
         self.tsc_hz = getattr(hv, "tsc_hz", None) or DEFAULT_TSC_HZ
-        ucx.set_tsc(self.uc, self.tsc_hz, -self.tsc_hz * getattr(part, "tsc_base_ns", 0) // 10 ** 9)
+        ucx.set_tsc(self.uc, self.tsc_hz, -(self.tsc_hz * getattr(part, "tsc_base_ns", 0) // 10 ** 9))
         self.map_gen = -1
         self.regions = []
         self.loaded = None          # the CpuState Unicorn holds, as last loaded or stored
@@ -201,14 +201,16 @@ class Engine:
 
     FLUSH_TLB, FLUSH_CODE = 1, 2
 
-    def flush_tlb(self, wait=1.0):
+    def flush_tlb(self, wait=0.1):
         """Thread-safe: flush this VP's TLB before it runs another guest
         instruction (a guest TLB-flush hypercall for another VP). If the VP is
         inside the CPU now, wait (up to `wait` s) until it has flushed, as a
-        flush hypercall returns only when the targets' TLBs are clean."""
+        flush hypercall returns only when the targets' TLBs are clean. (The
+        wait is short: callers may hold the model lock, which the target
+        needs if it is inside a doorbell decision.)"""
         self._request_flush(self.FLUSH_TLB, wait)
 
-    def flush_code(self, wait=1.0):
+    def flush_code(self, wait=0.1):
         """Thread-safe: drop this VP's translated code (and TLB) before its
         next guest instruction: the hypervisor rewrote guest code (an overlay
         page) through root RAM."""
@@ -252,6 +254,11 @@ class Engine:
         if self._event is not None:
             raise RuntimeError("an event is already queued for injection")
         self._event = (k, vector, -1 if error_code is None else error_code)
+
+    def event_queued(self):
+        """An event taken from the APIC (or an exception) waits for the next
+        entry: nothing else may be injected before it."""
+        return self._event is not None
 
     # ------------------------------------------------------------ memory
     def sync_maps(self):
@@ -495,9 +502,6 @@ class Engine:
                 self.uc.ctl_remove_cache(lin, lin + 4096)
         self.load(st)
         self._refresh_pg(st)
-        if self._event is not None:
-            ucx.inject(self.uc, *self._event)
-            self._event = None
         self.slice_token = _KICKER.arm(deadline, self)
         try:
             ex = self._loop(st, deadline, should_stop, decide, irq_pending)
@@ -537,6 +541,12 @@ class Engine:
                 pending = self._flush_req
             if pending:
                 self._do_flushes()
+            if self._event is not None:
+                # handed to the CPU only now: the CPU delivers it before
+                # anything (a kick, a step) can end the run, so an event
+                # is never left inside Unicorn behind a returned run
+                ucx.inject(uc, *self._event)
+                self._event = None
             self.mem_exit = None
             self.consumed = None
             try:
@@ -564,7 +574,7 @@ class Engine:
                 return self.mem_exit
             if err is not None:
                 return Exit("unrecoverable", error=str(err))
-            if reason in (ucx.EXIT_KICK, ucx.EXIT_NONE):
+            if reason in (ucx.EXIT_KICK, ucx.EXIT_NONE, ucx.EXIT_STEP):
                 continue
             if reason == ucx.EXIT_IRQ_WINDOW:
                 return Exit("interrupt")
@@ -582,15 +592,23 @@ class Engine:
         nowhere (the page is unmapped again before anything else runs)."""
         uc = self.uc
         ucx.irq_window(uc, 0)
+        with self._flush_cond:
+            self.in_cpu = True
+            pending = self._flush_req
+        if pending:
+            self._do_flushes()
         uc.mem_map(page, 4096)
         try:
             ucx.step(uc)
             try:
-                uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), U64)
+                uc.emu_start(self.fr.get(X.UC_X86_REG_RIP), U64)
             except UcError as e:
                 return Exit("unrecoverable", error="doorbell write: %s" % e)
         finally:
             uc.mem_unmap(page, 4096)
+            with self._flush_cond:
+                self.in_cpu = False
+                self._flush_cond.notify_all()
         reason = ucx.exit_reason(uc)[0]
         if reason == ucx.EXIT_STEP:
             return None
@@ -677,8 +695,6 @@ class Engine:
                 return Exit("msr", rip_lin=lin, length=length, msr=ecx, write=write, value=value)
             if verdict == "exception":
                 self.inject("exception", res["vector"], res.get("error_code"))
-                ucx.inject(uc, *self._event)
-                self._event = None
                 return None
             if verdict == "native":
                 # the CPU's own MSR (EFER, STAR, FS/GS base, ...): Unicorn does it
@@ -702,8 +718,6 @@ class Engine:
                 return Exit("vmcall", rip_lin=lin, length=length)
             if verdict == "exception":
                 self.inject("exception", res["vector"], res.get("error_code"))
-                ucx.inject(uc, *self._event)
-                self._event = None
                 return None
             for k, v in (res or {}).get("gpr", {}).items():
                 uc.reg_write(GPR_UC[k], v & U64)

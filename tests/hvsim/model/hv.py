@@ -2485,7 +2485,10 @@ class Hypervisor:
             return Exit("blocked")
         shadow = st.shadow_at == (st.segs[1][0] + st.rip) & U64
         v = kind = None
-        if not shadow:
+        queued = vp.engine is not None and vp.engine.event_queued()
+        if queued:
+            a.halted = False            # an event taken earlier goes in first
+        elif not shadow:
             if a.nmi_pending and not a.nmi_blocked:
                 v, kind = NMI_VECTOR, "NMI"
                 a.nmi_pending = False
